@@ -1,0 +1,42 @@
+"""Shared fixtures: the bundled tokenizer, the chapter's dataset and the book's tiny test model config."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "sft" / "assets"
+TEST_DATA = Path(__file__).resolve().parent / "data"
+
+# Two cores are shared by the whole suite; keep torch from oversubscribing them.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+# The book's --test_mode model: one layer, 12-dimensional embeddings, runs in milliseconds.
+TINY_CFG = {
+    "vocab_size": 50257,
+    "context_length": 120,
+    "emb_dim": 12,
+    "n_heads": 2,
+    "n_layers": 1,
+    "drop_rate": 0.0,
+    "qkv_bias": False,
+}
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from sft.tokenizer import get_tokenizer
+
+    return get_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def instruction_data():
+    with open(ASSETS / "instruction-data.json", encoding="utf-8") as f:
+        return json.load(f)
+
+
+@pytest.fixture
+def tiny_cfg():
+    return dict(TINY_CFG)
