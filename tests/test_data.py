@@ -1,0 +1,243 @@
+"""Loading, validation, the chapter's split and length statistics. No test touches the network."""
+import json
+
+import pytest
+
+import sft.data as data_mod
+from sft.data import (
+    DataValidationError, download_and_load_file, length_stats, load_instruction_data, split_data,
+    validate_entries,
+)
+
+GOOD = [
+    {"instruction": "Name a primary color.", "input": "", "output": "Red."},
+    {"instruction": "Translate to French.", "input": "Hello", "output": "Bonjour."},
+    {"instruction": "What is 2+2?", "output": "4"},  # Alpaca-52K entries may lack `input`
+]
+
+
+def write(tmp_path, name, content):
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content if isinstance(content, str) else json.dumps(content), encoding="utf-8")
+    return path
+
+
+def problems_of(source, **kwargs):
+    with pytest.raises(DataValidationError) as info:
+        load_instruction_data(source, **kwargs)
+    return info.value.problems, str(info.value)
+
+
+# ---------------------------------------------------------------- the chapter's functions
+
+def test_download_and_load_file_downloads_once(tmp_path, monkeypatch, instruction_data):
+    calls = []
+    body = json.dumps(instruction_data).encode("utf-8")
+
+    def fake_fetch(url, timeout=60):
+        calls.append(url)
+        return body
+
+    monkeypatch.setattr(data_mod, "_fetch_text", fake_fetch)
+    path = tmp_path / "instruction-data.json"
+    data = download_and_load_file(str(path), data_mod.CHAPTER_URL)
+    assert len(data) == 1100 and data == instruction_data
+    assert calls == [data_mod.CHAPTER_URL] and path.exists()
+    assert download_and_load_file(str(path), data_mod.CHAPTER_URL) == instruction_data
+    assert len(calls) == 1  # the second call reads the file
+    assert list(tmp_path.iterdir()) == [path]  # no temp files left behind
+
+
+def test_split_sizes_and_order(instruction_data):
+    train, test, val = split_data(instruction_data)
+    assert (len(train), len(test), len(val)) == (935, 110, 55)
+    assert train == instruction_data[:935]
+    assert test == instruction_data[935:1045]
+    assert val == instruction_data[1045:]
+
+
+def test_split_truncates_like_the_chapter():
+    train, test, val = split_data(list(range(99)))
+    assert (len(train), len(test), len(val)) == (84, 9, 6)  # int(84.15), int(9.9), the rest
+
+
+# ---------------------------------------------------------------- loading from anywhere
+
+def test_bundled_data(instruction_data):
+    data = load_instruction_data()
+    assert data == instruction_data  # same entries; the chapter's 25 duplicates are kept
+    assert data[50]["input"] == "Ocassion"
+    assert data[999]["instruction"] == "What is an antonym of 'complicated'?"
+
+
+def test_path_bytes_upload_and_url_agree(tmp_path, monkeypatch):
+    expected = [dict(e, input=e.get("input", "")) for e in GOOD]
+    path = write(tmp_path, "data.json", GOOD)
+    assert load_instruction_data(path) == expected
+    assert load_instruction_data(str(path)) == expected
+    assert load_instruction_data(path.read_bytes()) == expected
+    with open(path, "rb") as f:  # a file-like upload
+        assert load_instruction_data(f) == expected
+    monkeypatch.setattr(data_mod, "_fetch_text", lambda url, timeout=60: path.read_bytes())
+    assert load_instruction_data("https://example.org/alpaca_data.json") == expected
+
+
+def test_jsonl_and_bom(tmp_path):
+    expected = [dict(e, input=e.get("input", "")) for e in GOOD]
+    lines = "\n".join(json.dumps(e) for e in GOOD) + "\n\n"
+    assert load_instruction_data(write(tmp_path, "data.jsonl", lines)) == expected
+    assert load_instruction_data(write(tmp_path, "noext", lines)) == expected  # detected without a suffix
+    assert load_instruction_data(lines.encode("utf-8")) == expected
+    assert load_instruction_data(json.dumps(GOOD[0]).encode()) == expected[:1]  # one-line JSONL
+    assert load_instruction_data(b"\xef\xbb\xbf" + json.dumps(GOOD).encode()) == expected
+
+
+def test_alpaca_52k_shape_and_extra_keys():
+    data = load_instruction_data(json.dumps([
+        {"instruction": "Give three tips for staying healthy.", "input": "", "output": "1. Eat well."},
+        {"instruction": "Rate it.", "input": None, "output": "5", "model_response": "4"},
+    ]).encode())
+    assert data[1] == {"instruction": "Rate it.", "input": "", "output": "5", "model_response": "4"}
+
+
+def test_missing_file_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        load_instruction_data(tmp_path / "nope.json")
+
+
+# ---------------------------------------------------------------- validation on crafted bad files
+
+def test_top_level_object(tmp_path):
+    path = write(tmp_path, "obj.json", '{\n "data": [\n  {"instruction": "a", "output": "b"}\n ]\n}')
+    problems, message = problems_of(path)
+    assert problems == ["top level is a JSON object; expected a list of entries "
+                        "(a JSON array, or JSONL with one object per line)"]
+    assert str(path) in message and "nothing loaded" in message
+
+
+def test_top_level_not_a_list(tmp_path):
+    assert problems_of(write(tmp_path, "num.json", "42"))[0] == ["top level is int; expected a list of entries"]
+    with pytest.raises(DataValidationError, match="top level is str"):
+        validate_entries("not a list")
+
+
+def test_entry_not_an_object(tmp_path):
+    problems, _ = problems_of(write(tmp_path, "bad.json", [GOOD[0], "just text", [1, 2]]))
+    assert problems == [
+        "entry 1: is str, expected an object with instruction/input/output",
+        "entry 2: is list, expected an object with instruction/input/output",
+    ]
+
+
+def test_missing_and_non_string_fields(tmp_path):
+    bad = [
+        {"input": "", "output": "x"},
+        {"instruction": "a", "input": ""},
+        {"instruction": 7, "input": "", "output": "x"},
+        {"instruction": "b", "input": ["list"], "output": "x"},
+        {"instruction": "c", "input": "", "output": {"text": "x"}},
+    ]
+    problems, _ = problems_of(write(tmp_path, "fields.json", bad))
+    assert problems == [
+        "entry 0: missing 'instruction'",
+        "entry 1: missing 'output'",
+        "entry 2: 'instruction' is int, expected a string",
+        "entry 3: 'input' is list, expected a string",
+        "entry 4: 'output' is dict, expected a string",
+    ]
+
+
+def test_empty_output_and_instruction(tmp_path):
+    bad = [GOOD[0], {"instruction": "a", "input": "", "output": "  \n"}, {"instruction": "", "output": "x"}]
+    problems, _ = problems_of(write(tmp_path, "empty.json", bad))
+    assert problems == ["entry 1: 'output' is empty", "entry 2: 'instruction' is empty"]
+
+
+def test_special_token_text(tmp_path):
+    bad = [{"instruction": "a", "input": "", "output": "x <|endoftext|> y"}]
+    problems, _ = problems_of(write(tmp_path, "eot.json", bad))
+    assert problems == ["entry 0: 'output' contains the special token text <|endoftext|>"]
+
+
+def test_unreadable_encoding_names_the_file(tmp_path):
+    path = write(tmp_path, "latin1.json", '[{"instruction": "café", "output": "x"}]'.encode("latin-1"))
+    problems, message = problems_of(path)
+    assert problems == ["not UTF-8 text: cannot decode byte 0xe9 at offset 21 (invalid continuation byte)"]
+    assert message.startswith(str(path))
+
+
+def test_bad_json_line_and_column(tmp_path):
+    path = write(tmp_path, "broken.json", '[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c" "output": "d"}\n]')
+    problems, message = problems_of(path)
+    assert problems == ["bad JSON at line 3, column 23: Expecting ',' delimiter"]
+    assert str(path) in message
+
+
+def test_bad_jsonl_names_every_bad_line(tmp_path):
+    lines = [json.dumps(GOOD[0]), '{"instruction": "x", "output": }', json.dumps(GOOD[1]), "{oops"]
+    problems, _ = problems_of(write(tmp_path, "broken.jsonl", "\n".join(lines)))
+    assert problems == [
+        "line 2, column 32: bad JSON: Expecting value",
+        "line 4, column 2: bad JSON: Expecting property name enclosed in double quotes",
+    ]
+
+
+def test_empty_file(tmp_path):
+    assert problems_of(write(tmp_path, "empty.json", "  \n"))[0] == ["the file is empty"]
+
+
+def test_duplicates(tmp_path):
+    dup = [GOOD[0], GOOD[1], dict(GOOD[0], output="Blue."), dict(GOOD[1], input="Goodbye")]
+    path = write(tmp_path, "dup.json", dup)
+    problems, message = problems_of(path)
+    assert problems == ["entry 2: duplicate of entry 0 (same instruction and input)"]
+    assert "duplicates='keep'" in message
+    assert len(load_instruction_data(path, duplicates="keep")) == 4
+    assert [e["output"] for e in load_instruction_data(path, duplicates="drop")] == ["Red.", "Bonjour.", "Bonjour."]
+    with pytest.raises(ValueError, match="duplicates must be"):
+        load_instruction_data(path, duplicates="sometimes")
+
+
+def test_bundled_duplicates_are_reported_when_asked(instruction_data):
+    with pytest.raises(DataValidationError) as info:
+        validate_entries(instruction_data, duplicates="error")
+    assert len(info.value.problems) == 25
+    assert info.value.problems[0] == "entry 323: duplicate of entry 125 (same instruction and input)"
+    assert len(validate_entries(instruction_data, duplicates="drop")) == 1075
+
+
+def test_all_problems_in_one_error_with_a_capped_message(tmp_path):
+    bad = [{"instruction": f"task {i}", "input": "", "output": ""} for i in range(30)] + [5]
+    problems, message = problems_of(write(tmp_path, "many.json", bad))
+    assert len(problems) == 31
+    assert problems[-1] == "entry 30: is int, expected an object with instruction/input/output"
+    assert "31 problems found" in message
+    assert "entry 19: 'output' is empty" in message and "entry 20:" not in message
+    assert "... and 11 more" in message
+
+
+# ---------------------------------------------------------------- length statistics
+
+def test_length_stats_match_the_dataset(instruction_data, tokenizer):
+    from sft.batching import InstructionDataset
+
+    subset = instruction_data[:40]
+    stats = length_stats(subset, tokenizer)
+    dataset = InstructionDataset(subset, tokenizer)
+    assert stats["lengths"] == [len(ids) for ids in dataset.encoded_texts]
+    assert stats["prompt_lengths"] == dataset.prompt_lengths
+    assert [p + r for p, r in zip(stats["prompt_lengths"], stats["response_lengths"])] == stats["lengths"]
+    summary = stats["summary"]
+    assert summary["count"] == 40 and summary["min"] == min(stats["lengths"]) and summary["max"] == max(stats["lengths"])
+    assert summary["over_max_length"] == 0
+    assert length_stats(subset, tokenizer, allowed_max_length=50)["summary"]["over_max_length"] == sum(
+        n > 50 for n in stats["lengths"])
+    assert length_stats(subset, tokenizer, prompt_style="phi3")["lengths"] != stats["lengths"]
+
+
+def test_length_stats_whole_chapter_dataset(instruction_data, tokenizer):
+    summary = length_stats(instruction_data, tokenizer)["summary"]
+    assert (summary["count"], summary["min"], summary["max"], summary["over_max_length"]) == (1100, 40, 91, 0)
