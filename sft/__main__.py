@@ -1,0 +1,7 @@
+"""``python -m sft ...``: see ``sft/cli.py`` or ``python -m sft --help``."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

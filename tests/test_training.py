@@ -1,0 +1,355 @@
+"""Training: the chapter's functions, TrainConfig, and the Trainer's events, checkpoints and exact resume."""
+import json
+import math
+import re
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from sft.batching import create_data_loaders
+from sft.model import GPTModel
+from sft.training import (
+    ConfigError,
+    TrainConfig,
+    Trainer,
+    TrainingError,
+    calc_loss_batch,
+    calc_loss_loader,
+    evaluate_model,
+    generate_and_print_sample,
+    plot_losses,
+    train_model_simple,
+)
+
+# A model small enough that a step takes milliseconds; dropout on, so resuming must restore the RNG.
+MINI = {"vocab_size": 97, "context_length": 32, "emb_dim": 16, "n_heads": 2, "n_layers": 1,
+        "drop_rate": 0.1, "qkv_bias": False}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny matrices: one thread is faster than two, and the machine's cores are shared.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def mini_loaders(n=22, batch_size=4):
+    """Random sequences as (inputs, targets); every other row ends in three -100 targets."""
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, MINI["vocab_size"], (n, 13), generator=g)
+    x, y = data[:, :-1], data[:, 1:].clone()
+    y[::2, -3:] = -100
+    train = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True, drop_last=True)
+    val = DataLoader(TensorDataset(x[:8], y[:8]), batch_size=batch_size)
+    return train, val
+
+
+def make_trainer(tmp_path=None, model_seed=1, **settings):
+    torch.manual_seed(model_seed)
+    model = GPTModel(MINI)
+    train, val = mini_loaders()
+    config = TrainConfig(**{"epochs": 3, "eval_freq": 2, "eval_iter": 2, "lr": 1e-3, "precision": "fp32",
+                            **settings})
+    return Trainer(model, config, train, val,
+                   checkpoint_path=None if tmp_path is None else tmp_path / "ck" / "last.pt")
+
+
+@pytest.fixture
+def real_loaders(instruction_data, tokenizer):
+    """The chapter's loaders over 8 train and 4 validation entries, short sequences."""
+    torch.manual_seed(123)
+    train, val, _ = create_data_loaders(instruction_data[:8], instruction_data[8:12], instruction_data[12:14],
+                                        tokenizer, batch_size=2, allowed_max_length=40)
+    return train, val
+
+
+# ============================================================================ chapter functions
+
+def test_calc_loss_batch_ignores_minus_100():
+    torch.manual_seed(0)
+    model = GPTModel({**MINI, "drop_rate": 0.0})
+    x = torch.randint(0, 97, (2, 5))
+    y = torch.randint(0, 97, (2, 5))
+    y[1, 3:] = -100
+    loss = calc_loss_batch(x, y, model, "cpu")
+    logits = model(x)
+    keep = y != -100
+    manual = -torch.log_softmax(logits[keep], dim=-1).gather(1, y[keep][:, None]).mean()
+    assert torch.allclose(loss, manual, atol=1e-6)
+
+
+def test_calc_loss_loader_nan_when_empty_and_caps_num_batches():
+    torch.manual_seed(0)
+    model = GPTModel({**MINI, "drop_rate": 0.0})
+    empty = DataLoader(TensorDataset(torch.zeros(0, 4, dtype=torch.long), torch.zeros(0, 4, dtype=torch.long)),
+                       batch_size=2)
+    assert math.isnan(calc_loss_loader(empty, model, "cpu"))
+    _, val = mini_loaders()  # 2 batches
+    per_batch = [calc_loss_batch(x, y, model, "cpu").item() for x, y in val]
+    assert calc_loss_loader(val, model, "cpu") == pytest.approx(sum(per_batch) / 2)
+    assert calc_loss_loader(val, model, "cpu", num_batches=1) == pytest.approx(per_batch[0])
+    assert calc_loss_loader(val, model, "cpu", num_batches=10) == pytest.approx(sum(per_batch) / 2)
+
+
+def test_evaluate_model_returns_to_train_mode():
+    torch.manual_seed(0)
+    model = GPTModel(MINI)
+    train, val = mini_loaders()
+    train_loss, val_loss = evaluate_model(model, train, val, "cpu", eval_iter=1)
+    assert model.training
+    assert 3.0 < train_loss < 6.0 and 3.0 < val_loss < 6.0  # ln(97) = 4.57 for a random model
+
+
+def test_generate_and_print_sample_prints_one_line(capsys, tiny_cfg, tokenizer):
+    torch.manual_seed(123)
+    model = GPTModel(tiny_cfg)
+    generate_and_print_sample(model, tokenizer, "cpu", "Every effort moves you")
+    out = capsys.readouterr().out
+    assert out.startswith("Every effort moves you") and out.count("\n") == 1
+    assert model.training
+    # 4 prompt tokens + the chapter's 50 new ones
+    assert len(tokenizer.encode(out.rstrip("\n"))) >= 50
+
+
+@pytest.mark.slow
+def test_train_model_simple_prints_chapter_lines(capsys, tiny_cfg, tokenizer, real_loaders, instruction_data):
+    train, val = real_loaders  # 4 batches per epoch
+    torch.manual_seed(123)
+    model = GPTModel(tiny_cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.00005, weight_decay=0.1)
+    from sft.prompts import format_input
+
+    torch.manual_seed(123)
+    train_losses, val_losses, tokens = train_model_simple(
+        model, train, val, optimizer, "cpu", num_epochs=2, eval_freq=3, eval_iter=1,
+        start_context=format_input(instruction_data[8]), tokenizer=tokenizer)
+    lines = capsys.readouterr().out.splitlines()
+    evals = [line for line in lines if line.startswith("Ep ")]
+    # 8 steps, evaluated at global steps 0, 3, 6
+    assert [line[:18] for line in evals] == ["Ep 1 (Step 000000)", "Ep 1 (Step 000003)", "Ep 2 (Step 000006)"]
+    assert all(re.fullmatch(r"Ep \d \(Step \d{6}\): Train loss \d+\.\d{3}, Val loss \d+\.\d{3}", e) for e in evals)
+    assert len(train_losses) == len(val_losses) == len(tokens) == 3
+    assert tokens == sorted(tokens) and tokens[0] > 0
+    assert sum(line.startswith("Below is an instruction") for line in lines) == 2  # one sample per epoch
+
+
+def test_trainer_on_chapter_path_equals_train_model_simple(capsys, tiny_cfg, tokenizer, real_loaders):
+    train, val = real_loaders
+    torch.manual_seed(123)
+    model = GPTModel(tiny_cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.00005, weight_decay=0.1)
+    torch.manual_seed(123)
+    expected = train_model_simple(model, train, val, optimizer, "cpu", 2, 3, 2, "Hi", tokenizer)
+
+    torch.manual_seed(123)
+    model2 = GPTModel(tiny_cfg)
+    config = TrainConfig.chapter_path(epochs=2, eval_freq=3, eval_iter=2, sample_each_epoch=False)
+    assert config.is_chapter_path()
+    torch.manual_seed(123)
+    result = Trainer(model2, config, train, val, device="cpu").fit()
+    assert (result["train_losses"], result["val_losses"], result["track_tokens_seen"]) == expected
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_plot_losses_draws_chapter_figure(tmp_path):
+    fig = plot_losses(torch.linspace(0, 2, 3), [100, 200, 300], [3.0, 2.0, 1.0], [3.5, 2.5, 2.0],
+                      path=tmp_path / "loss.html")
+    names = [t.name for t in fig.data]
+    assert names[:2] == ["Training loss", "Validation loss"]
+    assert list(fig.data[0].x) == [0.0, 1.0, 2.0] and list(fig.data[2].x) == [100, 200, 300]
+    assert fig.layout.xaxis.title.text == "Epochs" and fig.layout.xaxis2.title.text == "Tokens seen"
+    assert fig.layout.yaxis.title.text == "Loss"
+    assert (tmp_path / "loss.html").stat().st_size > 1000
+
+
+# ============================================================================ TrainConfig
+
+def test_train_config_defaults_are_the_chapters():
+    c = TrainConfig()
+    assert (c.model, c.epochs, c.lr, c.weight_decay, c.batch_size, c.eval_freq, c.eval_iter, c.seed) == \
+        ("gpt2-medium (355M)", 2, 5e-5, 0.1, 8, 5, 5, 123)
+    assert c.validate() is c
+
+
+def test_train_config_reports_every_problem():
+    bad = TrainConfig(model="gpt5", epochs=0, lr=-1.0, batch_size=0, precision="fp16", weights="s3",
+                      max_steps=0, prompt_style="chatml", device="tpu")
+    with pytest.raises(ConfigError) as err:
+        bad.validate()
+    problems = err.value.problems
+    for word in ("model", "epochs", "lr", "batch_size", "precision", "weights", "max_steps", "prompt_style",
+                 "device"):
+        assert any(p.startswith(word) for p in problems), word
+    assert len(problems) == 9
+    with pytest.raises(ConfigError, match="has no pretrained weights"):
+        TrainConfig(model="tiny", weights="openai").validate()
+
+
+def test_train_config_json_round_trip(tmp_path):
+    c = TrainConfig(model="tiny", weights="random", epochs=3, max_steps=7)
+    c.save(tmp_path / "config.json")
+    assert TrainConfig.load(tmp_path / "config.json") == c
+    (tmp_path / "bad.json").write_text(json.dumps({**c.to_dict(), "learning_rate": 1}))
+    with pytest.raises(ConfigError, match="unknown setting 'learning_rate'"):
+        TrainConfig.load(tmp_path / "bad.json")
+
+
+# ============================================================================ Trainer
+
+@pytest.mark.slow
+def test_tiny_model_overfits_a_few_examples(instruction_data, tokenizer):
+    cfg = {"vocab_size": 50257, "context_length": 64, "emb_dim": 32, "n_heads": 2, "n_layers": 1,
+           "drop_rate": 0.0, "qkv_bias": False}
+    train, val, _ = create_data_loaders(instruction_data[:3], instruction_data[:3], instruction_data[:3],
+                                        tokenizer, batch_size=3, allowed_max_length=48)
+    torch.manual_seed(123)
+    config = TrainConfig(epochs=25, lr=2e-2, weight_decay=0.0, batch_size=3, eval_freq=5, eval_iter=1,
+                         precision="fp32")
+    result = Trainer(GPTModel(cfg), config, train, val).fit()
+    # measured: 10.0 at step 0, 0.06 at step 20
+    assert result["train_losses"][0] > 9.5
+    assert result["train_losses"][-1] < 0.5 and result["val_losses"][-1] < 0.5
+
+
+def test_events_and_metrics_file(tmp_path, tokenizer):
+    events = []
+    trainer = make_trainer(tmp_path, epochs=2)
+    trainer.callbacks.append(events.append)
+    trainer.metrics_path = tmp_path / "metrics.jsonl"
+    trainer.tokenizer, trainer.sample_prompt = tokenizer, "!"  # token 0: inside MINI's vocabulary
+    trainer.config.sample_tokens = 3
+    result = trainer.fit()
+    assert result["state"] == "completed" and result["global_step"] == 9  # 2 epochs x 5 batches
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == json.loads(json.dumps(events))
+    kinds = [e["type"] for e in events]
+    assert kinds.count("step") == 10 and kinds.count("eval") == 5 and kinds.count("epoch_end") == 2
+    assert kinds.count("sample") == 2 and kinds.count("checkpoint") == 2 and kinds[-1] == "done"
+    for e in events:
+        assert {"type", "time", "epoch", "step", "tokens_seen", "elapsed", "eta", "progress", "total_steps"} <= set(e)
+    steps = [e for e in events if e["type"] == "step"]
+    assert [e["step"] for e in steps] == list(range(10)) and steps[-1]["progress"] == 1.0
+    assert [e["epoch"] for e in steps] == [1] * 5 + [2] * 5
+    assert all(e["lr"] == 1e-3 and e["loss"] > 0 for e in steps)
+    assert steps[-1]["tokens_seen"] == 10 * 4 * 12 and steps[-1]["eta"] == 0.0
+    evals = [e for e in events if e["type"] == "eval"]
+    assert [e["step"] for e in evals] == [0, 2, 4, 6, 8]
+    assert [e["train_loss"] for e in evals] == result["train_losses"]
+    assert events[-1]["val_loss"] == result["val_losses"][-1]
+
+
+def test_checkpoint_loads_with_weights_only(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=1)
+    trainer.fit()
+    state = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)
+    assert state["format"] == "sft-studio-checkpoint"
+    assert (state["epoch"], state["batch_in_epoch"], state["global_step"]) == (1, 0, 4)
+    assert set(state["rng"]) >= {"torch", "python", "numpy", "cuda", "generators"}
+    assert torch.equal(state["model"]["out_head.weight"], trainer.model.out_head.weight)
+    assert not list((tmp_path / "ck").glob("*.tmp"))
+
+
+@pytest.mark.parametrize("settings, stop_at", [
+    ({}, 6),                                              # mid-epoch (epoch 2, batch 2 of 5)
+    ({}, 4),                                              # right at an epoch end
+    ({"precision": "bf16", "grad_accum_steps": 2, "masked_head_loss": True}, 3),  # accumulation, mid-epoch
+])
+def test_stop_and_resume_ends_with_the_same_weights(tmp_path, settings, stop_at):
+    torch.manual_seed(5)
+    straight = make_trainer(tmp_path / "a", **settings)
+    expected = straight.fit()
+
+    torch.manual_seed(5)
+    first = make_trainer(tmp_path / "b", **settings)
+    first.callbacks.append(lambda e: first.request_stop() if e["type"] == "step" and e["step"] == stop_at else None)
+    assert first.fit()["state"] == "stopped" and first.global_step == stop_at
+
+    torch.manual_seed(999)  # a new process: other RNG state, other initial weights
+    second = make_trainer(tmp_path / "b", model_seed=2, **settings).resume()
+    result = second.fit()
+    assert result["state"] == "completed"
+    for name, tensor in straight.model.state_dict().items():
+        assert torch.equal(tensor, second.model.state_dict()[name]), name
+    assert result["val_losses"] == expected["val_losses"] and result["tokens_seen"] == expected["tokens_seen"]
+
+
+def test_stop_file_is_honoured_and_consumed(tmp_path):
+    trainer = make_trainer(tmp_path)
+    trainer.stop_file = tmp_path / "stop"
+    trainer.callbacks.append(lambda e: trainer.stop_file.write_text("x") if e["type"] == "step" else None)
+    assert trainer.fit()["state"] == "stopped"
+    assert trainer.global_step == 0 and not trainer.stop_file.exists()
+    assert torch.load(tmp_path / "ck" / "last.pt", weights_only=True)["batch_in_epoch"] == 1
+
+
+def test_resume_with_other_data_is_refused(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=1)
+    trainer.fit()
+    other = make_trainer(tmp_path)
+    other.train_loader = mini_loaders(n=30)[0]
+    with pytest.raises(ValueError, match="same data, limit and batch_size"):
+        other.resume()
+
+
+def test_out_of_memory_becomes_advice_and_keeps_checkpoint(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=3, batch_size=8, allowed_max_length=1024)
+    events, calls = [], {"n": 0}
+    trainer.callbacks.append(events.append)
+    forward = trainer.model.forward
+
+    def flaky(*args, **kwargs):  # runs out of memory in the second epoch
+        calls["n"] += 1
+        if calls["n"] > 20:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(*args, **kwargs)
+
+    trainer.forward_model = flaky
+    with pytest.raises(TrainingError) as err:
+        trainer.fit()
+    advice = " ".join(err.value.advice)
+    assert "batch_size" in advice and "grad_accum_steps=2" in advice
+    assert "allowed_max_length" in advice and "activation_checkpointing" in advice
+    assert events[-1]["type"] == "error" and events[-1]["oom"] is True
+    state = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)
+    assert state["epoch"] == 1  # the epoch-end checkpoint survives
+
+
+def test_bf16_autocast_and_masked_head_on_cpu():
+    from sft.hardware import cpu_has_fast_bf16, resolve_precision
+
+    assert resolve_precision("auto", "cpu") == ("bf16" if cpu_has_fast_bf16() else "fp32")
+    trainer = make_trainer(precision="bf16", masked_head_loss=True, epochs=1)
+    assert trainer.precision == "bf16" and trainer.masked_head
+    x, y = next(iter(mini_loaders()[1]))
+    fp32 = make_trainer(precision="fp32", masked_head_loss=False, epochs=1)
+    with torch.no_grad():
+        masked, full = trainer.loss(x, y).item(), fp32.loss(x, y).item()
+    assert masked == pytest.approx(full, rel=2e-2)  # same loss, computed in bf16 on fewer positions
+    assert trainer.model.out_head.weight.dtype == torch.float32  # fp32 master weights
+    assert trainer.fit()["state"] == "completed"
+
+
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_resume_with_the_chapters_loaders(tmp_path, tiny_cfg, tokenizer, instruction_data, group_by_length):
+    """DATA's loaders: the chapter's global-RNG shuffle, and the seeded length-grouped sampler."""
+    def trainer(folder):
+        train, val, _ = create_data_loaders(instruction_data[:10], instruction_data[10:12], [], tokenizer,
+                                            batch_size=2, allowed_max_length=32, group_by_length=group_by_length)
+        torch.manual_seed(123)
+        config = TrainConfig(epochs=2, eval_freq=3, eval_iter=2, precision="fp32", group_by_length=group_by_length)
+        return Trainer(GPTModel({**tiny_cfg, "drop_rate": 0.1}), config, train, val,
+                       checkpoint_path=tmp_path / folder / "last.pt")
+
+    expected = trainer("a").fit()
+    first = trainer("b")
+    first.callbacks.append(lambda e: first.request_stop() if e["type"] == "step" and e["step"] == 6 else None)
+    first.fit()
+    torch.manual_seed(7)
+    second = trainer("b").resume()
+    result = second.fit()
+    assert (result["train_losses"], result["val_losses"]) == (expected["train_losses"], expected["val_losses"])
+    assert result["tokens_seen"] == expected["tokens_seen"] and len(result["train_losses"]) == 4
