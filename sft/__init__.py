@@ -78,9 +78,74 @@ _EXPORTS = {
     "check_if_running": "judge",
     "generate_model_scores": "judge",
     "parse_score": "judge",
-    "OllamaClient": "judge",
+    "OllamaClient": "judge_client",
     # runs.py
     "Run": "runs",
+    # data.py (more)
+    "parse_records": "data",
+    "CHAPTER_URL": "data",
+    "ALPACA_52K_URL": "data",
+    # prompts.py (more)
+    "split_ids": "prompts",
+    "register_prompt_style": "prompts",
+    "prompt_token_count": "prompts",
+    # batching.py (more)
+    "get_batch": "batching",
+    "LengthGroupedBatchSampler": "batching",
+    # model.py (more)
+    "KVCache": "model",
+    "MODEL_NAMES": "model",
+    "count_parameters": "model",
+    "TINY_NAME": "model",
+    # weights.py (more)
+    "load_pretrained": "weights",
+    "weights_available": "weights",
+    "finetuned_filename": "weights",
+    "finetuned_info": "weights",
+    "load_gpt2_params_from_safetensors": "weights",
+    "download_file": "weights",
+    "assign": "weights",
+    "DownloadError": "weights",
+    # training.py (more)
+    "ConfigError": "training",
+    "TrainingError": "training",
+    "oom_advice": "training",
+    # generation.py (more)
+    "generate_stream": "generation",
+    # judge.py (more)
+    "score_responses": "judge",
+    "judge_prompt": "judge",
+    "load_entries": "judge",
+    "response_keys": "judge",
+    "scored_records": "judge",
+    "default_scores_path": "judge",
+    # judge_client.py (more)
+    "OpenAIClient": "judge_client",
+    "make_client": "judge_client",
+    "ollama_status": "judge_client",
+    "model_available": "judge_client",
+    "ServerStatus": "judge_client",
+    "JudgeError": "judge_client",
+    "ServerUnavailableError": "judge_client",
+    "ModelNotFoundError": "judge_client",
+    "JudgeTimeoutError": "judge_client",
+    "MalformedResponseError": "judge_client",
+    "JudgeHTTPError": "judge_client",
+    # judge_stats.py (more)
+    "ScoreStore": "judge_stats",
+    "summarize_scores": "judge_stats",
+    "compare_scores": "judge_stats",
+    "judge_agreement": "judge_stats",
+    "bootstrap_mean_interval": "judge_stats",
+    # runs.py (more)
+    "list_runs": "runs",
+    "RunError": "runs",
+    "DeviceBusyError": "runs",
+    # hardware.py (more)
+    "resolve_device": "hardware",
+    "resolve_precision": "hardware",
+    "bf16_is_fast": "hardware",
+    "device_summary": "hardware",
 }
 
 __all__ = sorted(_EXPORTS)
