@@ -1,0 +1,112 @@
+"""A person's walk through the app in a real Chromium: Data, Batches, Fine-tune (start, watch, stop, resume),
+Compare, with a screenshot of each page in docs/screenshots/."""
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import expect
+
+SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+def settle(page):
+    """Wait until the app has finished the rerun that the last action started."""
+    page.wait_for_timeout(150)  # the rerun's start reaches the browser shortly after the action
+    expect(page.locator('[data-testid="stApp"][data-test-script-state="notRunning"]')).to_be_attached()
+
+
+def go(page, title):
+    """Click a page in the sidebar navigation, as a person does, and wait for its title."""
+    page.locator('[data-testid="stSidebarNav"]').get_by_text(title, exact=True).click()
+    expect(page.get_by_role("heading", name=title, exact=True)).to_be_visible()
+    settle(page)
+
+
+def shot(page, name):
+    """Screenshot the whole page: Streamlit scrolls inside stMain, so grow the viewport to its height first."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    size = page.viewport_size
+    height = page.evaluate("document.querySelector('[data-testid=\"stMain\"]').scrollHeight")
+    page.set_viewport_size({"width": size["width"], "height": min(max(height, size["height"]), 5000)})
+    page.wait_for_timeout(800)  # let Plotly redraw at the new size before the picture
+    page.screenshot(path=str(SHOTS / f"{name}.png"))
+    page.set_viewport_size(size)
+
+
+def set_number(page, label, value):
+    box = page.get_by_label(label, exact=True)
+    box.fill(str(value))
+    box.press("Enter")
+    settle(page)
+    expect(box).to_have_value(str(value))
+
+
+def test_walk_through_the_pipeline(app_url, page):
+    page.set_viewport_size({"width": 1400, "height": 1100})
+    page.goto(app_url["url"])
+    expect(page.get_by_role("heading", name="SFT Studio")).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("Stage 2: fine-tuning the LLM")).to_be_visible()
+    expect(page.get_by_text("gpt2-medium (355M): not downloaded")).to_be_visible()
+    expect(page.get_by_text("not reachable at")).to_be_visible()
+    shot(page, "home")
+
+    # Data: the bundled chapter dataset, its split 935/55/110.
+    go(page, "Data")
+    expect(page.get_by_text("1100 entries, all valid")).to_be_visible()
+    for label, n in (("train entries", "935"), ("val entries", "55"), ("test entries", "110")):
+        metric = page.locator('[data-testid="stMetric"]').filter(has_text=label)
+        expect(metric.locator('[data-testid="stMetricValue"]')).to_have_text(n)
+    expect(page.get_by_text("### Input:").first).to_be_visible()
+    expect(page.locator(".js-plotly-plot")).to_have_count(1)
+    shot(page, "data")
+
+    # Batches: the first training batch of listing 7.6 and the toy batch's -100 targets.
+    go(page, "Batches")
+    shape = page.locator('[data-testid="stMetric"]').filter(has_text="Shape (B, T)")
+    expect(shape.locator('[data-testid="stMetricValue"]')).to_have_text("(8, 61)")
+    expect(page.locator(".js-plotly-plot").first).to_be_visible()
+    expect(page.get_by_text("-100", exact=False).first).to_be_attached()
+    expect(page.get_by_text("1.1269")).to_be_visible()
+    expect(page.get_by_text("All 935 train examples look right", exact=False)).to_be_visible()
+    page.locator(".js-plotly-plot").first.scroll_into_view_if_needed()
+    shot(page, "batches")
+
+    # Fine-tune: no weights here, so the tiny random model; a short run, stopped and resumed.
+    go(page, "Fine-tune")
+    expect(page.get_by_text("is not downloaded yet", exact=False)).to_be_visible()
+    page.get_by_role("button", name="Use the tiny random model instead").click()
+    settle(page)
+    expect(page.get_by_text("Random weights, no download", exact=False)).to_be_visible()
+    page.get_by_text("More settings").click()
+    settle(page)
+    set_number(page, "Use the first N entries (0 = all)", 200)
+    set_number(page, "Stop after N steps (0 = no limit)", 24)
+    set_number(page, "Evaluate every N steps", 4)
+    set_number(page, "Batches per evaluation", 1)
+    set_number(page, "Max tokens per test answer", 8)
+    page.get_by_role("button", name="Start training").click()
+    points = page.locator(".js-plotly-plot g.points path.point")
+    expect(points.first).to_be_attached(timeout=120_000)  # the first evaluation is on the curve
+    page.get_by_role("button", name="Stop (keeps the checkpoint)").click()
+    resume = page.get_by_role("button", name="Resume from the checkpoint")
+    expect(resume).to_be_visible(timeout=120_000)
+    expect(page.get_by_text("stopped", exact=True).first).to_be_visible()
+    resume.click()
+    expect(page.get_by_text("Done. Weights:", exact=False)).to_be_visible(timeout=240_000)
+    expect(page.get_by_text("step 24 of 24", exact=False)).to_be_visible()
+    assert points.count() >= 3
+    expect(page.get_by_text("Sample answer, epoch 1", exact=False)).to_be_visible()
+    shot(page, "finetune")
+
+    # Compare: the run's answers beside the base model's and the reference.
+    go(page, "Compare")
+    set_number(page, "Max new tokens", 8)
+    page.get_by_role("button", name="Generate answers").click()
+    expect(page.get_by_text("Reference", exact=True)).to_have_count(3, timeout=120_000)
+    expect(page.get_by_text("Base: tiny (random)", exact=True).first).to_be_visible()
+    expect(page.get_by_text("20 answers in", exact=False)).to_be_visible()
+    expect(page.get_by_role("button", name="Download instruction-data-with-response.json")).to_be_visible()
+    shot(page, "compare")
+
+    go(page, "Judge")
+    shot(page, "judge")
