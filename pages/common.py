@@ -64,7 +64,9 @@ def _leave_legacy_navigation():
         from streamlit.runtime.pages_manager import PagesManager
     except ImportError:  # a Streamlit without the flag has no such mode
         return
-    if getattr(PagesManager, "uses_pages_directory", None):
+    # Once per session: AppTest puts every run back in that mode, and a rerun there would drop a click.
+    if getattr(PagesManager, "uses_pages_directory", None) and not st.session_state.get("_nav_checked"):
+        st.session_state["_nav_checked"] = True
         PagesManager.uses_pages_directory = False
         st.rerun()
 
@@ -325,12 +327,8 @@ def download_weights(name: str, source: str, bar):
         mib = f"{done / 2**20:.0f} of {total / 2**20:.0f} MiB" if total else f"{done / 2**20:.0f} MiB"
         bar.progress(min(done / total, 1.0) if total else 0.0, text=f"{filename}: {mib}")
 
-    size = name.split("(")[-1].rstrip(")")  # "gpt2-medium (355M)" -> "355M"
     try:
-        if source == "hf":
-            weights.download_hf_gpt2(size, os.fspath(models_dir()), progress=progress, show_bar=False)
-        else:
-            weights.download_and_load_gpt2(size, os.fspath(models_dir()), progress=progress, show_bar=False)
+        weights.download_weights(name, os.fspath(models_dir()), source=source, progress=progress, show_bar=False)
     except Exception as exc:  # shown to the person with the tiny model as the alternative
         return exc
     return None

@@ -99,6 +99,7 @@ _EXPORTS = {
     "TINY_NAME": "model",
     # weights.py (more)
     "load_pretrained": "weights",
+    "download_weights": "weights",
     "weights_available": "weights",
     "finetuned_filename": "weights",
     "finetuned_info": "weights",

@@ -182,13 +182,20 @@ def download_and_load_gpt2(model_size, models_dir, *, progress=None, show_bar=Tr
     if model_size not in ALLOWED_SIZES:
         raise ValueError(f"Model size not in {ALLOWED_SIZES}")
     tf = _import_tf()  # before downloading gigabytes that could not be read
+    model_dir = _download_openai(model_size, models_dir, progress=progress, show_bar=show_bar,
+                                 base_url=base_url, backup_base_url=backup_base_url)
+    settings = _read_hparams(os.path.join(model_dir, "hparams.json"))
+    ckpt_path = tf.train.latest_checkpoint(model_dir) or os.path.join(model_dir, "model.ckpt")
+    return settings, load_gpt2_params_from_tf_ckpt(ckpt_path, settings)
+
+
+def _download_openai(model_size, models_dir, *, progress, show_bar, base_url=OPENAI_BASE_URL,
+                     backup_base_url=OPENAI_BACKUP_URL):
     model_dir = os.path.join(models_dir, model_size)
     bases = [b for b in (base_url, backup_base_url) if b]
     _download_all(OPENAI_FILES, lambda f: [f"{b.rstrip('/')}/{model_size}/{f}" for b in bases],
                   model_dir, f"GPT-2 {model_size}", progress=progress, show_bar=show_bar)
-    settings = _read_hparams(os.path.join(model_dir, "hparams.json"))
-    ckpt_path = tf.train.latest_checkpoint(model_dir) or os.path.join(model_dir, "model.ckpt")
-    return settings, load_gpt2_params_from_tf_ckpt(ckpt_path, settings)
+    return model_dir
 
 
 def _read_hparams(path):
@@ -390,6 +397,24 @@ def weights_available(name, models_dir="models", source=None):
     if source not in present:
         raise ValueError(f"source must be 'openai' or 'hf', got {source!r}")
     return present[source]
+
+
+def download_weights(name, models_dir="models", *, source="openai", progress=None, show_bar=True,
+                     base_url=None):
+    """Not in the book: only fetch ``name``'s GPT-2 files (no TensorFlow needed to download) and
+    return the folder or file they are in. ``progress(done_bytes, total_bytes, filename)``."""
+    from .model import model_config
+
+    if _is_tiny(name):
+        raise ValueError(f"{name!r} has random weights: there is nothing to download")
+    size = _model_size(name, model_config(name))
+    if source == "openai":
+        kw = {"base_url": base_url} if base_url else {}
+        return _download_openai(size, models_dir, progress=progress, show_bar=show_bar, **kw)
+    if source == "hf":
+        kw = {"base_url": base_url} if base_url else {}
+        return download_hf_gpt2(size, models_dir, progress=progress, show_bar=show_bar, **kw)
+    raise ValueError(f"source must be 'openai' or 'hf', got {source!r}")
 
 
 def load_pretrained(name, models_dir="models", *, source="openai", progress=None, show_bar=True):

@@ -21,6 +21,7 @@ from sft.weights import (
     assign,
     download_and_load_gpt2,
     download_file,
+    download_weights,
     download_hf_gpt2,
     finetuned_filename,
     finetuned_info,
@@ -573,3 +574,26 @@ def test_load_finetuned_errors(tmp_path):
     with pytest.raises(TypeError):  # unserialisable extra: refused before any file is written
         save_finetuned(model, tmp_path / "x.pth", extra={"f": NotATensor()})
     assert not list(tmp_path.glob("x.*"))
+
+
+def test_download_weights_fetches_files_only(tmp_path, serve, openai_dir, monkeypatch):
+    """The app's download button: files land in the folder load_pretrained reads, with no TF conversion."""
+    import sft.weights as w
+
+    folder, _ = openai_dir
+    server = serve({f"/124M/{f}": (folder / f).read_bytes() for f in OPENAI_FILES}
+                   | {"/openai-community/gpt2/resolve/main/model.safetensors": BLOB})
+    monkeypatch.setattr(w, "_import_tf", lambda: pytest.fail("downloading must not need TensorFlow"))
+    seen = []
+    out = download_weights("gpt2-small (124M)", str(tmp_path), source="openai", base_url=server.url,
+                           show_bar=False, progress=lambda d, t, f: seen.append(f))
+    assert out == str(tmp_path / "124M") and set(seen) == set(OPENAI_FILES)
+    assert weights_available("gpt2-small (124M)", str(tmp_path), source="openai") is True
+
+    out = download_weights("124M", str(tmp_path), source="hf", base_url=server.url, show_bar=False)
+    assert open(out, "rb").read() == BLOB
+    assert weights_available("gpt2-small", str(tmp_path)) == "openai"
+    with pytest.raises(ValueError, match="random weights"):
+        download_weights("tiny", str(tmp_path))
+    with pytest.raises(ValueError, match="source must be"):
+        download_weights("124M", str(tmp_path), source="s3")

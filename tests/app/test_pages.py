@@ -169,15 +169,17 @@ def test_finetune_page_offers_tiny_when_weights_are_missing():
 def test_finetune_page_download_offline_says_so(monkeypatch):
     from sft import weights
 
-    def offline(*args, **kwargs):
-        raise weights.DownloadError("https://example.invalid/355M/checkpoint: ConnectionError: no network; "
-                                    "fill models/355M by hand")
+    def offline(url, destination, **kwargs):  # what requests gives on a machine with no network
+        raise weights.DownloadError(f"{url}: ConnectionError: no network")
 
-    monkeypatch.setattr(weights, "download_and_load_gpt2", offline)
+    monkeypatch.setattr(weights, "download_file", offline)
     at = open_page("pages/3_finetune.py")
     at.button(key="ft_download").click().run()
     assert not at.exception
-    assert "Download failed: https://example.invalid/355M/checkpoint: ConnectionError" in at.error[0].value
+    msg = at.error[0].value
+    assert "Download failed: Could not download checkpoint for GPT-2 355M" in msg
+    assert "https://openaipublic.blob.core.windows.net/gpt-2/models/355M/checkpoint: ConnectionError" in msg
+    assert "put them in" in msg and "355M" in msg  # the folder to fill by hand
     assert at.button(key="ft_use_tiny").label == "Use the tiny random model instead"
     assert at.button(key="ft_start").disabled
 
@@ -187,15 +189,14 @@ def test_finetune_page_download_with_progress(monkeypatch, app_dirs):
 
     seen = []
 
-    def fake_download(size, models_dir, *, progress, show_bar):  # writes the files the real one would
-        assert (size, show_bar) == ("124M", False)
-        for i, name in enumerate(weights.OPENAI_FILES):
-            progress(i, len(weights.OPENAI_FILES), name)
-            seen.append(name)
-            (Path(models_dir) / size).mkdir(exist_ok=True)
-            (Path(models_dir) / size / name).write_bytes(b"")
+    def fake_download_file(url, destination, *, progress, show_bar, **kwargs):  # writes what the real one would
+        assert url.startswith(weights.OPENAI_BASE_URL + "/124M/") and show_bar is False
+        name = Path(destination).name
+        progress(10, 10, name)
+        seen.append(name)
+        Path(destination).write_bytes(b"")
 
-    monkeypatch.setattr(weights, "download_and_load_gpt2", fake_download)
+    monkeypatch.setattr(weights, "download_file", fake_download_file)
     at = open_page("pages/3_finetune.py")
     at.selectbox(key="ft_model").set_value("gpt2-small (124M)").run()
     at.button(key="ft_download").click().run()
