@@ -28,23 +28,27 @@ ss.data_source_kind = kind
 error = None
 if kind == SOURCES[0]:
     use(None, common.STATE_DEFAULTS["dataset_name"], "bundled")
-elif kind == SOURCES[1]:
+else:
+    dup = st.radio("Duplicate entries (same instruction and input)", ["error", "keep", "drop"], horizontal=True,
+                   key="data_duplicates", format_func={"error": "report them, load nothing", "keep": "keep all",
+                                                       "drop": "keep the first of each"}.get)
+if kind == SOURCES[1]:
     url = st.text_input("URL of a JSON or JSONL file", placeholder=ALPACA_52K_URL, key="data_url",
                         help="For example the 52K-entry Alpaca file (exercise 7.3).")
     if st.button("Load", key="data_load_url", disabled=not url):
         try:
-            use(common.load_data(url.strip()), url.strip(), "url:" + url.strip())
+            use(common.load_data(url.strip(), dup), url.strip(), f"url:{dup}:" + url.strip())
         except Exception as exc:  # validation errors name the entry; network errors the URL
             error = exc
-else:
+elif kind == SOURCES[2]:
     up = st.file_uploader(f"JSON array or JSON Lines, up to {common.UPLOAD_LIMIT_MB} MB",
                           type=["json", "jsonl"], key="data_upload", max_upload_size=common.UPLOAD_LIMIT_MB)
     if up is not None:
         raw = up.getvalue()
-        key = "upload:" + hashlib.sha1(raw).hexdigest()
+        key = f"upload:{dup}:" + hashlib.sha1(raw).hexdigest()
         if ss.dataset_key != key:
             try:
-                use(common.load_data(raw), up.name, key)
+                use(common.load_data(raw, dup), up.name, key)
             except Exception as exc:
                 error = exc
 

@@ -97,11 +97,11 @@ def bundled_data() -> list:
 
 
 @st.cache_data(show_spinner="Loading and checking the data…", max_entries=4)
-def load_data(source) -> list:
+def load_data(source, duplicates="error") -> list:
     """source: a URL string or uploaded bytes. Raises sft.data.DataValidationError on bad entries."""
     from sft.data import load_instruction_data
 
-    return load_instruction_data(source)
+    return load_instruction_data(source, duplicates=duplicates)
 
 
 def dataset() -> list:

@@ -86,6 +86,17 @@ def test_data_page_upload_good_and_bad(tmp_path):
     assert "entry 1: missing 'output'" in at.error[0].value
     assert "**mine.jsonl**: 20 entries" in at.success[0].value  # the previous dataset stays
 
+    # Duplicates are reported by default (naming both entries); the person can keep or drop them.
+    dups = json.dumps([{"instruction": "Hi.", "output": "a"}, {"instruction": "Bye.", "output": "b"},
+                       {"instruction": "Hi.", "output": "c"}]).encode()
+    at.file_uploader(key="data_upload").set_value(("dups.json", dups, "application/json")).run()
+    assert "entry 2: duplicate of entry 0" in at.error[0].value
+    at.radio(key="data_duplicates").set_value("drop").run()
+    assert not at.exception and not at.error
+    assert "**dups.json**: 2 entries" in at.success[0].value
+    at.radio(key="data_duplicates").set_value("keep").run()
+    assert "**dups.json**: 3 entries" in at.success[0].value
+
 
 @pytest.fixture
 def served_file(tmp_path):
