@@ -226,8 +226,10 @@ def add_cli_arguments(parser):
     parser.add_argument("input", help="JSON array (or JSONL) of entries with instruction, input, output "
                                       "and the response to score")
     parser.add_argument("--key", default="model_response", help="entry field holding the response to score")
-    parser.add_argument("--model", default="llama3", help="judge model (default: llama3)")
-    parser.add_argument("--backend", choices=("ollama", "openai"), default="ollama")
+    parser.add_argument("--model", default="llama3", help="judge model, as the server names it")
+    parser.add_argument("--backend", choices=("ollama", "openai"), default="ollama",
+                        help="the server's API: Ollama's /api/chat, or an OpenAI-compatible /v1/chat/completions "
+                             "(llama.cpp server, vLLM, hosted APIs)")
     parser.add_argument("--url", default=None, help=f"server URL (default: {OLLAMA_URL} for ollama, "
                                                     f"{OPENAI_URL} for openai)")
     parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
