@@ -104,9 +104,9 @@ _EXPORTS = {
     "finetuned_filename": "weights",
     "finetuned_info": "weights",
     "load_gpt2_params_from_safetensors": "weights",
-    "download_file": "weights",
+    "download_file": "download",
     "assign": "weights",
-    "DownloadError": "weights",
+    "DownloadError": "download",
     # training.py (more)
     "ConfigError": "training",
     "TrainingError": "training",

@@ -178,12 +178,12 @@ def test_finetune_page_offers_tiny_when_weights_are_missing():
 
 
 def test_finetune_page_download_offline_says_so(monkeypatch):
-    from sft import weights
+    from sft import download, weights
 
     def offline(url, destination, **kwargs):  # what requests gives on a machine with no network
         raise weights.DownloadError(f"{url}: ConnectionError: no network")
 
-    monkeypatch.setattr(weights, "download_file", offline)
+    monkeypatch.setattr(download, "download_file", offline)
     at = open_page("pages/3_finetune.py")
     at.button(key="ft_download").click().run()
     assert not at.exception
@@ -196,7 +196,7 @@ def test_finetune_page_download_offline_says_so(monkeypatch):
 
 
 def test_finetune_page_download_with_progress(monkeypatch, app_dirs):
-    from sft import weights
+    from sft import download, weights
 
     seen = []
 
@@ -207,7 +207,7 @@ def test_finetune_page_download_with_progress(monkeypatch, app_dirs):
         seen.append(name)
         Path(destination).write_bytes(b"")
 
-    monkeypatch.setattr(weights, "download_file", fake_download_file)
+    monkeypatch.setattr(download, "download_file", fake_download_file)
     at = open_page("pages/3_finetune.py")
     at.selectbox(key="ft_model").set_value("gpt2-small (124M)").run()
     at.button(key="ft_download").click().run()
