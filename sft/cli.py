@@ -27,6 +27,9 @@ EPILOG = """examples:
   python -m sft train --model tiny --max-steps 20   a tiny RANDOM model: offline demo in seconds
   python -m sft train --resume --run-dir runs/NAME  continue a stopped run
   python -m sft generate --run-dir runs/NAME        answer the test split
+  torchrun --nproc_per_node 2 -m sft train ...      data parallel (DDP, gloo on CPU, NCCL on GPU): each
+                                                    batch of --batch-size is split over the processes
+  python -m sft.bench                               the chapter's way against the fast path (timings)
 """
 
 
@@ -41,7 +44,7 @@ def _model_names():
 
 
 def _add_train_arguments(p):
-    from .training import TrainConfig
+    from .trainer import TrainConfig
 
     d = TrainConfig()
     g = p.add_argument_group("model")
@@ -50,8 +53,8 @@ def _add_train_arguments(p):
                         "'tiny' is a small RANDOMLY initialised model for offline demos and tests")
     g.add_argument("--weights", choices=("openai", "hf", "random"), default=None,
                    help="where the starting weights come from: OpenAI's TensorFlow checkpoint (the book), "
-                        "Hugging Face safetensors (no TensorFlow needed) or random. Default: openai, "
-                        "random for tiny")
+                        "Hugging Face safetensors (no TensorFlow needed) or random (any size, offline: for "
+                        "benchmarks; such runs are labelled RANDOM). Default: openai, random for tiny")
     g.add_argument("--models-dir", default=d.models_dir, help="folder holding downloaded GPT-2 weights")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=d.data, help="dataset path or URL (JSON/JSONL); default: the chapter's "
@@ -70,7 +73,10 @@ def _add_train_arguments(p):
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per batch")
     g.add_argument("--grad-accum-steps", type=int, default=d.grad_accum_steps,
-                   help="batches per optimizer step (bigger effective batch in the same memory)")
+                   help="gradient accumulation: micro-batches of --batch-size per optimizer step, so the "
+                        "effective batch is batch-size x N in the memory of one micro-batch (e.g. "
+                        "--batch-size 2 --grad-accum-steps 4 steps on 8 examples, as the chapter; for "
+                        "gpt2-large/xl on smaller GPUs)")
     g.add_argument("--max-steps", type=int, default=d.max_steps, help="stop after N optimizer steps")
     g.add_argument("--eval-freq", type=int, default=d.eval_freq, help="evaluate every N steps")
     g.add_argument("--eval-iter", type=int, default=d.eval_iter, help="batches per evaluation")
@@ -81,7 +87,8 @@ def _add_train_arguments(p):
                    help="auto = bf16 autocast where the hardware does bf16 well, else fp32")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--activation-checkpointing", action="store_true",
-                   help="recompute activations in backward: less memory, ~30%% slower")
+                   help="activation checkpointing: recompute each block's activations in backward "
+                        "(much less memory, ~30%% slower; for gpt2-large/xl on smaller GPUs)")
     g.add_argument("--chapter-path", action="store_true",
                    help="compute exactly as the chapter: fp32, full output head, no TF32/fused kernels")
     g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
@@ -158,7 +165,7 @@ def _first_command(argv):
 # ============================================================================ train
 
 def _config_from_args(args):
-    from .training import TrainConfig
+    from .trainer import TrainConfig
 
     weights = args.weights or ("random" if str(args.model).strip().lower().startswith("tiny") else "openai")
     settings = dict(
@@ -234,28 +241,53 @@ class _Progress:
         self.bar = self.answers = None
 
 
-def cmd_train(args):
-    from .runs import Run, RunError, canonical_model_name, execute_run
-    from .training import TrainConfig, TrainingError
+def _open_run(args):
+    """The run the train command works on: --run-dir's (if it has a config) or a new one."""
+    from .runs import Run
 
     if args.run_dir and (Path(args.run_dir) / "config.json").is_file():
-        run = Run(args.run_dir)
-    elif args.resume:
-        print("error: --resume needs --run-dir of an existing run", file=sys.stderr)
-        return 2
-    else:
-        config = _config_from_args(args)
-        if args.run_dir:
-            run = Run.create(config, root=Path(args.run_dir).parent, name=Path(args.run_dir).name)
-        else:
-            run = Run.create(config, root=args.runs_root, name=args.name)
-    config: TrainConfig = run.config
+        return Run(args.run_dir)
+    if args.resume:
+        raise ValueError("--resume needs --run-dir of an existing run")
+    config = _config_from_args(args)
+    if args.run_dir:
+        return Run.create(config, root=Path(args.run_dir).parent, name=Path(args.run_dir).name)
+    return Run.create(config, root=args.runs_root, name=args.name)
+
+
+def _describe(run, world_size=1):
+    from .runs import canonical_model_name
+
+    config = run.config
     print(f"Run folder: {run.path}")
     if config.weights == "random":
-        print(f"Model: {canonical_model_name(config.model)} with RANDOM weights (a demo/test model, not pretrained GPT-2: "
-              "its answers are gibberish)")
+        print(f"Model: {canonical_model_name(config.model)} with RANDOM weights (a demo/test model, not pretrained "
+              "GPT-2: its answers are gibberish)")
     else:
         print(f"Model: {config.model}, {config.weights} weights from {config.models_dir}/")
+    if world_size > 1:
+        per = config.batch_size // world_size
+        print(f"DDP: {world_size} processes; each batch of {config.batch_size} is split {per}-{per + 1} rows "
+              "per process" if config.batch_size % world_size else
+              f"DDP: {world_size} processes; each batch of {config.batch_size} is split {per} rows per process")
+
+
+def cmd_train(args):
+    from .distributed import launched_by_torchrun
+    from .runs import RunError
+    from .trainer import TrainingError
+    from .worker import execute_run
+
+    if launched_by_torchrun():
+        return _train_distributed(args)
+    try:
+        run = _open_run(args)
+    except ValueError as exc:
+        if "--resume" in str(exc):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
+    _describe(run)
     if args.detach:
         proc = run.launch(resume=args.resume, responses=not args.no_responses)
         print(f"Training in the background (pid {proc.pid}); log: {run.log_path}")
@@ -283,6 +315,56 @@ def cmd_train(args):
         progress.close()
     print(f"Run state: {run.state}. Files: {run.path}")
     return 0 if result["state"] in ("completed", "stopped") else 1
+
+
+def _train_distributed(args):
+    """``torchrun --nproc_per_node N -m sft train ...``: one rank of a DDP training.
+
+    Rank 0 creates (or opens) the run folder and tells the others where it is; every rank
+    trains its share of each batch; rank 0 alone prints, writes and answers the test split.
+    Each process ends in ``sft.distributed.shutdown`` (it never returns).
+    """
+    import torch.distributed as dist
+
+    from .distributed import init_from_env, shutdown
+    from .runs import Run
+    from .trainer import TrainConfig
+    from .worker import execute_run
+
+    code = 1
+    try:
+        if args.detach:
+            raise ValueError("--detach cannot be used under torchrun")
+        has_config = args.run_dir and (Path(args.run_dir) / "config.json").is_file()
+        config = TrainConfig.load(Path(args.run_dir) / "config.json") if has_config else _config_from_args(args)
+        ctx = init_from_env(config.validate().device)
+        box = [None]
+        if ctx.is_main:
+            try:
+                box = [("ok", str(_open_run(args).path))]
+            except Exception as exc:  # tell the other ranks instead of leaving them waiting
+                box = [("error", f"{type(exc).__name__}: {exc}")]
+        dist.broadcast_object_list(box, src=0)
+        status, detail = box[0]
+        if status == "error":
+            raise RuntimeError(detail)
+        run = Run(detail)
+        progress = _Progress(args.progress if ctx.is_main else "none")
+        if ctx.is_main:
+            _describe(run, ctx.world_size)
+            signal.signal(signal.SIGINT, lambda signum, frame: run.request_stop())
+        else:  # rank 0 turns Ctrl-C into a stop that every rank agrees on
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        result = execute_run(run, resume=args.resume, responses=not args.no_responses, callbacks=[progress],
+                             dist=ctx)
+        progress.close()
+        if ctx.is_main:
+            print(f"Run state: {run.state}. Files: {run.path}")
+        code = 0 if result["state"] in ("completed", "stopped") else 1
+    except Exception as exc:
+        traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+    shutdown(code)
 
 
 # ============================================================================ other commands
@@ -335,8 +417,9 @@ def _model_for_generate(args):
     """(model, prompt_style, run) for the generate command."""
     import torch
 
-    from .runs import Run, build_model, load_checkpoint
-    from .training import TrainConfig
+    from .runs import Run, load_checkpoint
+    from .worker import build_model
+    from .trainer import TrainConfig
 
     if args.run_dir:
         run = Run(args.run_dir)
@@ -363,9 +446,10 @@ def _model_for_generate(args):
 def cmd_generate(args):
     from .generation import generate_responses
     from .hardware import resolve_device
-    from .runs import load_splits, read_json
+    from .runs import read_json
+    from .worker import load_splits
     from .tokenizer import get_tokenizer
-    from .training import TrainConfig
+    from .trainer import TrainConfig
 
     try:
         model, style, run = _model_for_generate(args)
@@ -413,7 +497,7 @@ def main(argv=None):
     try:
         return handler(args)
     except Exception as exc:
-        from .training import ConfigError
+        from .trainer import ConfigError
 
         if isinstance(exc, ConfigError):
             print(f"error: {exc}", file=sys.stderr)

@@ -101,6 +101,17 @@ def _check_prompts(prompts):
     return seqs
 
 
+def _last_logits(model, ids, **kwargs):
+    """Logits (B, vocab) of the last position only.
+
+    The output head (vocab x emb_dim, a third of gpt2-small's weights) then runs on one
+    position per row, not on every prompt position as ``model(ids)[:, -1]`` would.
+    """
+    if hasattr(model, "forward_hidden") and hasattr(model, "out_head"):
+        return model.out_head(model.forward_hidden(ids, **kwargs)[:, -1, :])
+    return model(ids, **kwargs)[:, -1, :]
+
+
 @torch.inference_mode()
 def _decode_steps(model, prompts, max_new_tokens, eos_id, temperature, top_k, context_size, device):
     """Yield, for each step, ``[(row, token), ...]`` for the rows that produced a token.
@@ -113,7 +124,7 @@ def _decode_steps(model, prompts, max_new_tokens, eos_id, temperature, top_k, co
     rows = list(range(len(seqs)))  # original index of each row still running
     ids, pad_mask = _left_pad(seqs, device)
     cache = model.new_kv_cache(len(seqs), ids.shape[1] + max_new_tokens)
-    logits = model(ids, pad_mask=pad_mask, kv_cache=cache)[:, -1, :]  # (B, vocab)
+    logits = _last_logits(model, ids, pad_mask=pad_mask, kv_cache=cache)  # (B, vocab)
     use_cache = True
     for step in range(max_new_tokens):
         next_ids = _next_token(logits, temperature, top_k)  # (B, 1)
@@ -136,10 +147,10 @@ def _decode_steps(model, prompts, max_new_tokens, eos_id, temperature, top_k, co
         if use_cache and any(len(seqs[r]) > context_size for r in rows):
             use_cache = False  # positions would pass the context: fall back to the sliding window
         if use_cache:
-            logits = model(next_ids, kv_cache=cache)[:, -1, :]
+            logits = _last_logits(model, next_ids, kv_cache=cache)
         else:
             ids, pad_mask = _left_pad([seqs[r][-context_size:] for r in rows], device)
-            logits = model(ids, pad_mask=pad_mask)[:, -1, :]
+            logits = _last_logits(model, ids, pad_mask=pad_mask)
 
 
 def _prepare(model, context_size, device):

@@ -10,6 +10,8 @@ checkpointing (``model.gradient_checkpointing = True``), and a ``KVCache`` for g
 that also serves a batch of left-padded prompts (``pad_mask``, per-row position ids).
 """
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -74,29 +76,44 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(d_out, d_out)  # combines the heads' outputs
         self.dropout = nn.Dropout(dropout)  # on the attention weights, training only
 
-    def forward(self, x, attn_mask=None, kv=None):
+    def forward(self, x, attn_mask=None, kv=None, packed=None):
         """x (B, T, d_in) -> (B, T, d_out).
 
         attn_mask: None = plain causal attention; else a bool (B or 1, 1, T, T_keys), True = may
         attend. kv: a ``KVCache`` layer slot; past keys/values are prepended from it.
         """
-        b, num_tokens, _ = x.shape
+        # Not in the book: with ``packed`` (a ``Packed``), x is (N, d_in), the real positions only;
+        # the projections run on those N rows, attention on the (B, T) layout.
+        b, num_tokens = packed.keep.shape if packed is not None else x.shape[:2]
+        unpack = packed.scatter if packed is not None else (lambda t: t)
+
         # (B, T, d_out) -> (B, n_heads, T, head_dim)
-        split = lambda t: t.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        def split(t):
+            return unpack(t).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+
         queries = split(self.W_query(x))
         keys = split(self.W_key(x))
         values = split(self.W_value(x))
         if kv is not None:  # Not in the book: keys/values of all positions so far, (B, H, T_keys, hd)
             keys, values = kv.update(keys, values)
+        dtype, autocast = queries.dtype, nullcontext()
+        if dtype == torch.bfloat16 and x.device.type == "cpu" and torch.is_grad_enabled():
+            # Not in the book: on CPU, PyTorch's bf16 attention backward is ~3x slower than its
+            # fp32 one (torch 2.13); attention is a small share of the FLOPs, so train it in fp32.
+            queries, keys, values = queries.float(), keys.float(), values.float()
+            autocast = torch.autocast("cpu", enabled=False)  # else autocast casts them back to bf16
         # A lone query (decoding with a cache) may see every cached key; is_causal would wrongly
         # align its triangle top-left, so it is used only when queries and keys start together.
-        context_vec = F.scaled_dot_product_attention(
-            queries, keys, values,
-            attn_mask=attn_mask,
-            dropout_p=self.dropout.p if self.training else 0.0,
-            is_causal=attn_mask is None and num_tokens > 1,
-        )  # (B, H, T, hd), scaled by 1/sqrt(head_dim) as in the chapter
+        with autocast:
+            context_vec = F.scaled_dot_product_attention(
+                queries, keys, values,
+                attn_mask=attn_mask,
+                dropout_p=self.dropout.p if self.training else 0.0,
+                is_causal=attn_mask is None and num_tokens > 1,
+            ).to(dtype)  # (B, H, T, hd), scaled by 1/sqrt(head_dim) as in the chapter
         context_vec = context_vec.transpose(1, 2).reshape(b, num_tokens, self.d_out)
+        if packed is not None:
+            context_vec = context_vec[packed.keep]  # back to (N, d_out)
         return self.out_proj(context_vec)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -124,9 +141,9 @@ class TransformerBlock(nn.Module):
         self.norm2 = LayerNorm(cfg["emb_dim"])
         self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
 
-    def forward(self, x, attn_mask=None, kv=None):
-        shortcut = x  # (B, T, C)
-        x = self.att(self.norm1(x), attn_mask=attn_mask, kv=kv)
+    def forward(self, x, attn_mask=None, kv=None, packed=None):
+        shortcut = x  # (B, T, C), or (N, C) with ``packed``
+        x = self.att(self.norm1(x), attn_mask=attn_mask, kv=kv, packed=packed)
         x = self.drop_shortcut(x) + shortcut
 
         shortcut = x
@@ -149,19 +166,30 @@ class GPTModel(nn.Module):
         # them (less memory, ~30% more compute); used only when training with grads on.
         self.gradient_checkpointing = False
 
-    def forward(self, in_idx, *, pad_mask=None, kv_cache=None, return_hidden=False):
+    def forward(self, in_idx, *, pad_mask=None, kv_cache=None, return_hidden=False, lengths=None):
         """in_idx (B, T) token ids -> logits (B, T, vocab_size).
 
         Not in the book (keyword-only): ``return_hidden`` gives (B, T, emb_dim) instead (see
         ``forward_hidden``; useful through DDP, which only syncs what goes through forward);
-        ``pad_mask`` (B, T) bool, False at left padding; ``kv_cache`` a ``KVCache``.
+        ``pad_mask`` (B, T) bool, False at left padding; ``kv_cache`` a ``KVCache``;
+        ``lengths`` (B,) computes only each row's first ``lengths[b]`` positions (output (N, ...)).
         """
-        x = self.forward_hidden(in_idx, pad_mask=pad_mask, kv_cache=kv_cache)
+        x = self.forward_hidden(in_idx, pad_mask=pad_mask, kv_cache=kv_cache, lengths=lengths)
         return x if return_hidden else self.out_head(x)
 
     # Not in the book: everything up to the output head.
-    def forward_hidden(self, in_idx, *, pad_mask=None, kv_cache=None):
-        """in_idx (B, T) -> hidden states (B, T, emb_dim) after ``final_norm``."""
+    def forward_hidden(self, in_idx, *, pad_mask=None, kv_cache=None, lengths=None):
+        """in_idx (B, T) -> hidden states (B, T, emb_dim) after ``final_norm``.
+
+        ``lengths`` (B,) ints: only the first ``lengths[b]`` positions of row b are computed
+        (right padding, whose outputs nothing reads, is skipped); returns (N, emb_dim) for
+        those N = lengths.sum() positions, row by row. Training uses it: a batch is ~20%
+        padding, and causal attention means a row's later positions never change its earlier ones.
+        """
+        if lengths is not None:
+            if pad_mask is not None or kv_cache is not None:
+                raise ValueError("lengths cannot be combined with pad_mask or kv_cache")
+            return self._forward_packed(in_idx, lengths)
         batch_size, seq_len = in_idx.shape
         context_length = self.pos_emb.num_embeddings
         if kv_cache is None and pad_mask is None:  # the chapter's path
@@ -188,6 +216,21 @@ class GPTModel(nn.Module):
         else:
             for i, block in enumerate(self.trf_blocks):
                 x = block(x, attn_mask=attn_mask, kv=None if kv_cache is None else kv_cache.layers[i])
+        return self.final_norm(x)
+
+    def _forward_packed(self, in_idx, lengths):
+        seq_len = in_idx.shape[1]
+        if seq_len > self.pos_emb.num_embeddings:
+            raise ValueError(f"input has {seq_len} tokens but the model's context_length is "
+                             f"{self.pos_emb.num_embeddings}")
+        packed = Packed(torch.arange(seq_len, device=in_idx.device) < lengths.to(in_idx.device)[:, None])
+        pos = packed.keep.nonzero()[:, 1]  # (N,) each kept position's index in its row
+        x = self.drop_emb(self.tok_emb(in_idx[packed.keep]) + self.pos_emb(pos))  # (N, C)
+        for block in self.trf_blocks:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, None, None, packed, use_reentrant=False)
+            else:
+                x = block(x, packed=packed)
         return self.final_norm(x)
 
     # Not in the book.
@@ -217,6 +260,19 @@ def _positions_and_mask(valid, start, past_valid=None):
     mask = (k_idx <= q_idx) & keys_valid[:, None, :]  # causal and not padding, (B, T, T_keys)
     mask = mask | (k_idx == q_idx)
     return pos, mask[:, None]  # heads broadcast: (B, 1, T, T_keys)
+
+
+class Packed:
+    """Which positions of a (B, T) batch are computed: ``keep`` (B, T) bool, a prefix of each row."""
+
+    def __init__(self, keep):
+        self.keep = keep
+
+    def scatter(self, t):
+        """(N, C) rows of the kept positions -> (B, T, C), zeros elsewhere."""
+        out = t.new_zeros(*self.keep.shape, t.shape[-1])
+        out[self.keep] = t
+        return out
 
 
 class _LayerKV:

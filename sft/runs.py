@@ -1,4 +1,4 @@
-"""Run folders and the training worker process (not in the book).
+"""Run folders (not in the book); the worker process that trains one lives in ``sft.worker``.
 
 One folder per run, shared by the app and the command line::
 
@@ -12,17 +12,17 @@ One folder per run, shared by the app and the command line::
                 stop               present while a stop is requested
 
 Every JSON file is written atomically (temp file + os.replace). Training runs in a detached
-process (``python -m sft train --run-dir ...``), so a closed browser tab loses nothing;
-one training per device at a time, enforced by a lock file holding the worker's pid.
+process (``python -m sft train --run-dir ...``, see ``sft.worker``), so a closed browser tab
+loses nothing; one training per device at a time, enforced by a lock file holding the worker's pid.
+``build_trainer``, ``execute_run``, ``load_splits`` and ``build_model`` moved to ``sft.worker``
+and are still importable from here.
 """
 import json
 import os
 import random
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +32,6 @@ import torch
 STATES = ("created", "queued", "running", "stopping", "stopped", "completed", "failed")
 ACTIVE_STATES = ("queued", "running", "stopping")
 RESPONSES_FILE = "instruction-data-with-response.json"  # the chapter's name for the answers
-_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 
 
 class RunError(RuntimeError):
@@ -132,81 +131,6 @@ def load_checkpoint(path, map_location="cpu"):
         raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
 
 
-# ============================================================================ processes and locks
-
-def pid_alive(pid, create_time=None):
-    """Is ``pid`` a live process (not a zombie; the same process if ``create_time`` is given)?"""
-    import psutil
-
-    if not pid:
-        return False
-    try:
-        proc = psutil.Process(int(pid))
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return create_time is None or abs(proc.create_time() - create_time) < 1.0
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.AccessDenied:  # pragma: no cover - exists, owned by someone else
-        return True
-
-
-def _create_time(pid):
-    import psutil
-
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:  # pragma: no cover
-        return None
-
-
-def _lock_path(root, key):
-    return Path(root) / ".locks" / f"{key}.lock"
-
-
-def device_lock_holder(root, key):
-    """{pid, run, ...} of the live training holding device ``key`` under ``root``, or None."""
-    holder = read_json(_lock_path(root, key))
-    if holder and pid_alive(holder.get("pid"), holder.get("create_time")):
-        return holder
-    return None
-
-
-def acquire_device_lock(root, key, run_name, pid=None, *, take_over=()):
-    """Take the one-training-per-device lock for ``pid``; a lock held by a dead pid is cleared.
-
-    ``take_over``: pids whose lock may pass to us (the launcher that spawned this worker).
-    """
-    pid = pid or os.getpid()
-    path = _lock_path(root, key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"pid": pid, "create_time": _create_time(pid), "run": run_name, "since": time.time()}
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            holder = read_json(path) or {}
-            if holder.get("pid") in (pid, *take_over):
-                atomic_write_json(path, record)
-                return path
-            if not pid_alive(holder.get("pid"), holder.get("create_time")):
-                path.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            raise DeviceBusyError(f"device {key} is busy: run {holder.get('run')!r} (pid {holder.get('pid')}) "
-                                  "is training on it; stop it or wait for it to finish") from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f)
-        return path
-    raise DeviceBusyError(f"could not take the lock {path}")  # pragma: no cover
-
-
-def release_device_lock(path, pid=None):
-    """Remove the lock if ``pid`` (default: this process) holds it."""
-    holder = read_json(path) or {}
-    if holder.get("pid") == (pid or os.getpid()):
-        Path(path).unlink(missing_ok=True)
-
-
 # ============================================================================ runs
 
 def _slug(text):
@@ -304,7 +228,7 @@ class Run:
 
     @property
     def config(self):
-        from .training import TrainConfig
+        from .trainer import TrainConfig
 
         return TrainConfig.load(self.config_path)
 
@@ -335,7 +259,7 @@ class Run:
             started = status.get("pid_started") if status.get("pid") else worker.get("create_time")
             if self._proc is not None:
                 self._proc.poll()  # reap our own child so it is not left a zombie
-            if pid and not pid_alive(pid, started):
+            if pid and not _worker().pid_alive(pid, started):
                 tail = self.tail_log(20)
                 status = self.update_status(
                     state="failed", finished=time.time(),
@@ -422,39 +346,11 @@ class Run:
         return True
 
     def launch(self, *, resume=False, responses=True, python=None, env=None):
-        """Start the training worker, detached; returns its ``subprocess.Popen``."""
-        from .hardware import device_key
+        """Start the training worker, detached; returns its ``subprocess.Popen`` (see sft.worker)."""
+        from .worker import launch_worker
 
-        if self.is_active:
-            raise RunError(f"run {self.name!r} is already {self.state}")
-        _check_start(self, resume)
-        key = device_key(self.config.device)
-        lock = acquire_device_lock(self.root, key, self.name, os.getpid())
-        try:
-            self.stop_path.unlink(missing_ok=True)
-            (self.path / "worker.json").unlink(missing_ok=True)  # else the old worker would look crashed
-            self.update_status(state="queued", pid=None, device=key, error=None, advice=None,
-                               log_tail=None, finished=None)
-            cmd = [python or sys.executable, "-m", "sft", "train", "--run-dir", str(self.path),
-                   "--progress", "plain"] + (["--resume"] if resume else []) + ([] if responses else ["--no-responses"])
-            env = dict(os.environ if env is None else env)
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
-            env.setdefault("PYTHONUNBUFFERED", "1")
-            with open(self.log_path, "a", encoding="utf-8") as log:
-                log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {'resume' if resume else 'start'}: "
-                          f"{' '.join(cmd[1:])}\n")
-                log.flush()
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        env=env, start_new_session=True)
-        except BaseException:
-            release_device_lock(lock)
-            raise
-        record = {"pid": proc.pid, "create_time": _create_time(proc.pid), "run": self.name, "since": time.time()}
-        atomic_write_json(self.path / "worker.json", record)
-        if (read_json(lock) or {}).get("pid") == os.getpid():  # hand the lock to the worker
-            atomic_write_json(lock, record)
-        self._proc = proc
-        return proc
+        self._proc = launch_worker(self, resume=resume, responses=responses, python=python, env=env)
+        return self._proc
 
     def delete(self):
         """Remove the run folder (refused while it trains)."""
@@ -501,11 +397,10 @@ class Run:
                 time.sleep(poll)
 
 
-def _check_start(run, resume):
-    if resume and not run.has_checkpoint:
-        raise RunError(f"run {run.name!r} has no checkpoint to resume from ({run.checkpoint_path})")
-    if not resume and run.has_trained:
-        raise RunError(f"run {run.name!r} has already trained: resume it, or create a new run")
+def _worker():
+    from . import worker
+
+    return worker
 
 
 def list_runs(root="runs"):
@@ -517,149 +412,14 @@ def list_runs(root="runs"):
     return sorted(runs, key=lambda r: (read_json(r.status_path, {}) or {}).get("created") or 0, reverse=True)
 
 
+# Moved to sft.worker (the worker process and the device lock); resolved lazily (PEP 562) so the two modules import in either order.
+_MOVED_TO_WORKER = ("load_splits", "build_model", "build_trainer", "execute_run", "launch_worker", "check_start",
+                    "pid_alive", "device_lock_holder", "acquire_device_lock", "release_device_lock")
 
 
-# ============================================================================ the worker
+def __getattr__(name):
+    if name in _MOVED_TO_WORKER:
+        from . import worker
 
-def load_splits(config):
-    """(train, test, val) for ``config``: its data source, cut to ``limit``, split as the chapter does."""
-    from .data import load_instruction_data, split_data
-
-    data = load_instruction_data(config.data)
-    if config.limit is not None:
-        data = data[:config.limit]
-    train, test, val = split_data(data)
-    if not train:
-        raise ValueError(f"{config.data or 'the bundled data'} gives no training entries "
-                         f"({len(data)} entries after limit={config.limit})")
-    return train, test, val
-
-
-def build_model(config):
-    """A GPTModel: GPT-2 weights from ``config.weights``, or random (seeded) for "random"."""
-    if config.weights == "random":
-        from .model import GPTModel, model_config
-
-        torch.manual_seed(config.seed)
-        return GPTModel(model_config(config.model))
-    from .weights import load_pretrained
-
-    return load_pretrained(config.model, config.models_dir, source=config.weights)
-
-
-def build_trainer(config, *, model=None, splits=None, **trainer_kwargs):
-    """Data, loaders, model and Trainer for ``config``, in the chapter's order and seeding.
-
-    Returns (trainer, (train, test, val)). ``trainer_kwargs`` go to ``Trainer`` (callbacks,
-    checkpoint_path, stop_file, metrics_path).
-    """
-    from .batching import create_data_loaders
-    from .prompts import get_prompt_style
-    from .tokenizer import get_tokenizer
-    from .training import Trainer
-
-    train, test, val = splits or load_splits(config)
-    tokenizer = get_tokenizer()
-    # create_data_loaders seeds torch with config.seed first, as listing 7.6 does
-    train_loader, val_loader, _ = create_data_loaders(
-        train, val, test, tokenizer, batch_size=config.batch_size, num_workers=config.num_workers,
-        allowed_max_length=config.allowed_max_length, prompt_style=config.prompt_style,
-        mask_instruction=config.mask_instruction, seed=config.seed, group_by_length=config.group_by_length)
-    model = model if model is not None else build_model(config)
-    torch.manual_seed(config.seed)  # the chapter seeds again right before training
-    sample_entry = (val or test or train)[0]
-    trainer = Trainer(model, config, train_loader, val_loader, tokenizer=tokenizer,
-                      sample_prompt=get_prompt_style(config.prompt_style).format_prompt(sample_entry),
-                      **trainer_kwargs)
-    return trainer, (train, test, val)
-
-
-def execute_run(run, *, resume=False, responses=True, callbacks=()):
-    """Train ``run`` in this process (what the worker does): lock the device, train (or resume),
-    save the final weights, answer the test split; status.json follows each phase."""
-    from .hardware import device_key
-    from .training import TrainingError
-
-    config = run.config
-    key = device_key(config.device)
-    _check_start(run, resume)  # refused here, the run's status is left as it was
-    lock = acquire_device_lock(run.root, key, run.name, os.getpid(), take_over=(os.getppid(),))
-    run._status = read_json(run.status_path, {}) or {}
-    run.update_status(state="running", pid=os.getpid(), pid_started=_create_time(os.getpid()), device=key,
-                      started=time.time(), finished=None, error=None, advice=None, log_tail=None, phase="setup")
-    trainer = None
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def on_sigterm(signum, frame):  # a polite kill: stop at the next step with a checkpoint
-        if trainer is None:
-            raise SystemExit(128 + signum)
-        trainer.request_stop()
-
-    if hasattr(signal, "SIGTERM") and _in_main_thread():
-        signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        trainer, (_, test, _) = build_trainer(config, callbacks=[run.record_event, *callbacks],
-                                              checkpoint_path=run.checkpoint_path, stop_file=run.stop_path)
-        atomic_write_json(run.test_data_path, test)
-        if resume:
-            trainer.resume(run.checkpoint_path)
-            run.record_event({"type": "resumed", "time": time.time(), "step": trainer.global_step,
-                              "epoch": trainer.epoch + 1, "tokens_seen": trainer.tokens_seen})
-        run.update_status(phase="training")
-        result = trainer.fit()
-        if result["state"] == "stopped":
-            run.update_status(state="stopped", phase=None, finished=time.time())
-            return result
-        run.update_status(phase="saving")
-        _save_final(run, trainer)
-        if responses and test:
-            run.update_status(phase="responses")
-            _write_responses(run, trainer, test, callbacks)
-        run.update_status(state="completed", phase=None, finished=time.time())
-        return result
-    except TrainingError as exc:
-        run.update_status(state="failed", phase=None, finished=time.time(), error=str(exc).splitlines()[0],
-                          advice=exc.advice)
-        raise
-    except BaseException as exc:
-        run.update_status(state="failed", phase=None, finished=time.time(),
-                          error=f"{type(exc).__name__}: {exc}")
-        raise
-    finally:
-        release_device_lock(lock)
-        if _in_main_thread():
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _in_main_thread():
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-def _save_final(run, trainer):
-    from .weights import save_finetuned
-
-    config = trainer.config
-    extra = {"model_name": canonical_model_name(config.model), "prompt_style": config.prompt_style,
-             "run": run.name, "weights": config.weights, "random_init": config.weights == "random"}
-    paths = save_finetuned(trainer.model, run.model_path, extra=extra)
-    run.record_event({"type": "saved", "time": time.time(), "step": trainer.global_step, "paths": paths})
-    return paths
-
-
-def _write_responses(run, trainer, test, callbacks=()):
-    from .generation import generate_responses
-    from .tokenizer import get_tokenizer
-
-    def progress(done, total):
-        event = {"type": "responses", "time": time.time(), "step": trainer.global_step,
-                 "done": done, "total": total}
-        run.record_event(event)
-        for callback in callbacks:
-            callback(event)
-
-    trainer.model.eval()
-    return generate_responses(trainer.model, test, get_tokenizer(), prompt_style=trainer.config.prompt_style,
-                              max_new_tokens=trainer.config.response_tokens, batch_size=trainer.config.batch_size,
-                              device=trainer.device, progress=progress, out_path=run.responses_path)
+        return getattr(worker, name)
+    raise AttributeError(f"module 'sft.runs' has no attribute {name!r}")
