@@ -112,6 +112,18 @@ def device_summary():
         import os
         import platform
 
-        info["name"] = platform.processor() or platform.machine()
+        info["name"] = _cpu_model() or platform.processor() or platform.machine()
         info["cpu_count"] = os.cpu_count()
     return info
+
+
+def _cpu_model():
+    """The CPU's marketing name on Linux ("Intel(R) Xeon(R) ..."); platform.processor() is empty there."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
