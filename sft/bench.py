@@ -4,7 +4,8 @@ One process, one randomly initialised model (seeded; gpt2-small by default), the
 bundled data and split. Two measurements, each done both ways on identical inputs:
 
 - training, N optimizer steps through the ``Trainer`` with the chapter's schedule (batch 8,
-  an evaluation every 5 steps over 5 batches). Chapter path: ``TrainConfig.chapter_path()``
+  an evaluation every 5 steps over 5 batches), the two paths in alternating rounds of 5 steps
+  (each with its own model copy and RNG state, so each sees the batches it would see alone). Chapter path: ``TrainConfig.chapter_path()``
   (fp32, output head and loss over every position, the AdamW loop). Fast path: the defaults
   (bf16 autocast where the hardware does bf16 well, head and loss only where targets count,
   fused AdamW, evaluation under inference_mode); length grouping stays off, so both paths see
@@ -41,7 +42,7 @@ class Meter:
         import psutil
 
         self._proc = psutil.Process()
-        self.peak_rss = self._proc.memory_info().rss
+        self.peak_rss = self.start_rss = self._proc.memory_info().rss
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -99,60 +100,91 @@ def _log(text):
 
 # ============================================================================ training
 
-def train_once(label, config, model, init_state, splits, tokenizer, device):
-    """N steps of ``config`` from ``init_state``; the same batches for every call (seeded)."""
-    from .batching import create_data_loaders
-    from .trainer import Trainer
-    from .training import calc_loss_loader
+class _Path:
+    """One training path: its own model copy, loaders, Trainer and torch RNG state."""
 
-    _release_memory()  # the previous path's optimizer state must not count in this one's memory
-    model.load_state_dict(init_state)
-    train, test, val = splits
-    train_loader, val_loader, _ = create_data_loaders(
-        train, val, test, tokenizer, batch_size=config.batch_size, allowed_max_length=config.allowed_max_length,
-        seed=config.seed)
-    torch.manual_seed(config.seed)  # as the chapter does before training: same shuffles both ways
-    _tf32(False)
-    trainer = Trainer(model, config, train_loader, val_loader, device=device)
-    losses, eval_time = [], [0.0]
-    trainer.callbacks.append(lambda e: losses.append(e["loss"]) if e["type"] == "step" else None)
-    evaluate = trainer.evaluate
+    def __init__(self, label, config, model_cfg, init_state, splits, tokenizer, device):
+        from .batching import create_data_loaders
+        from .model import GPTModel
+        from .trainer import Trainer
 
-    def timed_evaluate():
-        t0 = time.perf_counter()
-        try:
-            return evaluate()
-        finally:
-            eval_time[0] += time.perf_counter() - t0
+        self.label, self.losses = label, []
+        model = GPTModel(model_cfg)
+        model.load_state_dict(init_state)
+        train, test, val = splits
+        self.train_loader, self.val_loader, _ = create_data_loaders(
+            train, val, test, tokenizer, batch_size=config.batch_size, seed=config.seed,
+            allowed_max_length=config.allowed_max_length)
+        torch.manual_seed(config.seed)  # as the chapter does before training: same shuffles both ways
+        self.rng = torch.get_rng_state()  # each path replays its own draws, whatever runs in between
+        self.trainer = Trainer(model, config, self.train_loader, self.val_loader, device=device)
+        self.trainer.callbacks.append(lambda e: self.losses.append(e["loss"]) if e["type"] == "step" else None)
+        self.wall = self.cpu = self.eval_seconds = 0.0
+        self.peak_rss = self.peak_extra = self.cuda_peak = 0
+        evaluate = self.trainer.evaluate
 
-    trainer.evaluate = timed_evaluate
-    _log(f"training, {label} path ({trainer.precision}, masked head {trainer.masked_head}), "
-         f"{config.max_steps} steps ...")
-    with Meter(trainer.device) as meter:
-        result = trainer.fit()
-    del trainer.evaluate  # break the trainer -> timed_evaluate -> trainer cycle
-    # The trained model judged the chapter's way (fp32, every position), the same for both paths.
-    model.eval()
-    with torch.no_grad():
-        val_after = calc_loss_loader(val_loader, model, trainer.device, num_batches=config.eval_iter)
-    model.train()
-    tokens = result["tokens_seen"]
-    step_seconds = meter.wall - eval_time[0]
-    return {"precision": trainer.precision, "masked_head": trainer.masked_head, "steps": result["global_step"] + 1,
-            "tokens": tokens, "tokens_per_s": round(tokens / meter.wall, 2),
-            "step_tokens_per_s": round(tokens / step_seconds, 2), "eval_seconds": round(eval_time[0], 3),
-            "losses": losses, "val_losses": result["val_losses"], "val_loss_after": val_after, **meter.report()}
+        def timed_evaluate():
+            t0 = time.perf_counter()
+            try:
+                return evaluate()
+            finally:
+                self.eval_seconds += time.perf_counter() - t0
+
+        self.trainer.evaluate = timed_evaluate
+
+    def run_to(self, steps):
+        """Train on to ``steps`` optimizer steps in all (the Trainer goes on where it stopped)."""
+        torch.set_rng_state(self.rng)
+        _tf32(self.trainer.config.tf32 and self.trainer.device.type == "cuda")
+        self.trainer.config.max_steps = steps
+        with Meter(self.trainer.device) as meter:
+            self.result = self.trainer.fit()
+        self.rng = torch.get_rng_state()
+        self.wall, self.cpu = self.wall + meter.wall, self.cpu + meter.cpu
+        self.peak_rss = max(self.peak_rss, meter.peak_rss)
+        self.peak_extra = max(self.peak_extra, meter.peak_rss - meter.start_rss)
+        self.cuda_peak = max(self.cuda_peak, meter.cuda_peak or 0)
+
+    def report(self, eval_iter):
+        from .training import calc_loss_loader
+
+        trainer, tokens = self.trainer, self.result["tokens_seen"]
+        model = trainer.model.eval()
+        with torch.no_grad():  # the trained model judged the chapter's way (fp32, every position)
+            val_after = calc_loss_loader(self.val_loader, model, trainer.device, num_batches=eval_iter)
+        out = {"precision": trainer.precision, "masked_head": trainer.masked_head,
+               "steps": self.result["global_step"] + 1, "tokens": tokens,
+               "tokens_per_s": round(tokens / self.wall, 2),
+               "step_tokens_per_s": round(tokens / (self.wall - self.eval_seconds), 2),
+               "seconds": round(self.wall, 3), "cpu_seconds": round(self.cpu, 3),
+               "eval_seconds": round(self.eval_seconds, 3), "losses": self.losses,
+               "val_losses": self.result["val_losses"], "val_loss_after": val_after,
+               "peak_rss_mb": round(self.peak_rss / 2**20, 1),
+               "step_peak_extra_mb": round(self.peak_extra / 2**20, 1)}
+        if trainer.device.type == "cuda":
+            out["cuda_max_allocated_mb"] = round(self.cuda_peak / 2**20, 1)
+        return out
 
 
-def bench_training(args, model, init_state, splits, tokenizer, device):
+def bench_training(args, model_cfg, init_state, splits, tokenizer, device):
+    """Both paths in alternating rounds of ``eval_freq`` steps, so a slow spell of a shared
+    machine falls on both rather than on one; each path sees the batches it would see alone."""
     from .trainer import TrainConfig
 
     common = dict(model=args.model, weights="random", batch_size=args.batch_size, max_steps=args.train_steps,
                   eval_freq=args.eval_freq, eval_iter=args.eval_iter, seed=args.seed, sample_each_epoch=False,
                   allowed_max_length=args.allowed_max_length, device=str(device))
-    chapter = train_once("chapter", TrainConfig.chapter_path(**common), model, init_state, splits, tokenizer, device)
-    fast = train_once("fast", TrainConfig(**common, group_by_length=False), model, init_state, splits,
-                      tokenizer, device)
+    _release_memory()
+    paths = [_Path("chapter", TrainConfig.chapter_path(**common), model_cfg, init_state, splits, tokenizer, device),
+             _Path("fast", TrainConfig(**common, group_by_length=False), model_cfg, init_state, splits, tokenizer,
+                   device)]
+    for stop in range(args.eval_freq, args.train_steps + args.eval_freq, args.eval_freq):
+        for path in paths:
+            _log(f"training, {path.label} path ({path.trainer.precision}), to step {min(stop, args.train_steps)}")
+            path.run_to(min(stop, args.train_steps))
+    chapter, fast = (path.report(args.eval_iter) for path in paths)
+    for path in paths:
+        del path.trainer.evaluate  # break the trainer -> timed_evaluate -> trainer cycle
     last_c, last_f = chapter["losses"][-1], fast["losses"][-1]
     return {
         "train": {"chapter": chapter, "fast": fast},
@@ -260,26 +292,29 @@ def build_parser():
 def run(args):
     """Both measurements; returns the JSON-ready dict."""
     from .data import load_instruction_data, split_data
-    from .hardware import cpu_has_fast_bf16, resolve_device
+    from .hardware import cpu_has_fast_bf16, keep_freed_memory, resolve_device
     from .model import GPTModel, model_config
     from .tokenizer import get_tokenizer
 
     device = resolve_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
+    # Process-wide, so both paths run with it; as the training worker does.
+    allocator = keep_freed_memory() if device.type == "cpu" else False
     tokenizer = get_tokenizer()
     train, test, val = split_data(load_instruction_data())
     torch.manual_seed(args.seed)
-    model = GPTModel(model_config(args.model)).to(device)
+    model_cfg = model_config(args.model)
+    model = GPTModel(model_cfg).to(device)
     init_state = copy.deepcopy(model.state_dict())
     info = {"model": args.model, "weights": "random", "device": str(device), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "cpu_bf16": cpu_has_fast_bf16(), "cpu_count": os.cpu_count(), "seed": args.seed,
-            "load_avg_before": [round(x, 2) for x in os.getloadavg()]}
+            "malloc_keeps_freed_memory": allocator, "load_avg_before": [round(x, 2) for x in os.getloadavg()]}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     if args.train_steps > 0:
-        info.update(bench_training(args, model, init_state, (train, test, val), tokenizer, device))
+        info.update(bench_training(args, model_cfg, init_state, (train, test, val), tokenizer, device))
     if args.gen_prompts > 0:
         info.update(bench_generation(args, model, init_state, test, tokenizer, device))
     info["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]

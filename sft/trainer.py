@@ -283,6 +283,7 @@ class Trainer:
         self._epoch_rng = None   # RNG states at the start of this epoch: they fix its shuffle
         self._resume_rng = None  # RNG states at the checkpoint, restored after replaying the shuffle
         self._resume_sampler_epochs = {}
+        self._live_batches = None  # this epoch's batch iterator, kept so a second fit() goes on
         self._t0, self._steps_at_start = time.perf_counter(), 0
 
     # ------------------------------------------------------------------ loss and evaluation
@@ -362,8 +363,9 @@ class Trainer:
         from .tokenizer import EOT_ID
 
         ids = self.tokenizer.encode(self.sample_prompt)
-        with self._autocast():  # KV cache, greedy: the tokens the chapter's generate gives
-            new = generate_batch(self.model, [ids], max_new_tokens=self.config.sample_tokens, eos_id=EOT_ID)[0]
+        # KV cache, greedy, fp32: the tokens the chapter's generate gives (autocast would recast
+        # every weight at every new token: it keeps no cast cache under inference_mode).
+        new = generate_batch(self.model, [ids], max_new_tokens=self.config.sample_tokens, eos_id=EOT_ID)[0]
         self.model.train()
         response = self.tokenizer.decode(new)
         self._emit("sample", epoch=epoch, prompt=self.sample_prompt, response=response.strip(),
@@ -443,6 +445,7 @@ class Trainer:
         self.elapsed_before = state["elapsed"]
         self._epoch_rng, self._resume_rng = state["epoch_rng"], state["rng"]
         self._resume_sampler_epochs = state.get("sampler_epochs", {})
+        self._live_batches = None
 
     def checkpoint(self, reason="manual"):
         """Save ``state_dict()`` atomically to ``checkpoint_path`` (rank 0 only)."""
@@ -485,12 +488,15 @@ class Trainer:
     def _epoch_batches(self):
         from .runs import capture_rng_state, restore_rng_state
 
+        if self.batch_in_epoch > 0 and self._live_batches is not None:
+            return self._live_batches  # fit() called again in memory (a larger max_steps): go on
         gens = self._generators()
         for _, sampler in self._samplers():
             sampler.set_epoch(self.epoch)
         if self.batch_in_epoch == 0:
             self._epoch_rng = capture_rng_state(gens)
-            return iter(self.train_loader)
+            self._live_batches = iter(self.train_loader)
+            return self._live_batches
         # Resuming mid-epoch: replay this epoch's shuffle from its starting RNG state, skip the
         # batches already trained on, then put the RNG back as it was at the checkpoint.
         restore_rng_state(self._epoch_rng, gens)
@@ -498,6 +504,7 @@ class Trainer:
         for _ in range(self.batch_in_epoch):
             next(batches)
         self._restore_resume_state()
+        self._live_batches = batches
         return batches
 
     def _train_step(self, batches, n_batches):
@@ -587,7 +594,7 @@ class Trainer:
                 if self._stop_requested():
                     return self._stopped()
             if self.batch_in_epoch == n_batches:
-                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                self.epoch, self.batch_in_epoch, self._live_batches = self.epoch + 1, 0, None
                 self._emit("epoch_end", epoch=self.epoch)
                 self.sample(epoch=self.epoch)
                 self.checkpoint("epoch_end")

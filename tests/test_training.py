@@ -395,3 +395,18 @@ def test_fused_adamw_on_cpu_and_chapter_path_without_it():
     assert make_trainer().optimizer.defaults["fused"] is True
     assert not make_trainer(**{k: v for k, v in TrainConfig.chapter_path().to_dict().items()
                                if k in ("fused_adamw", "precision")}).optimizer.defaults["fused"]
+
+
+def test_fit_again_with_more_steps_goes_on_in_memory():
+    """fit() with max_steps 3, then 7 (mid-epoch both times) equals one fit() to 7 (the benchmark's rounds)."""
+    torch.manual_seed(5)
+    straight = make_trainer(max_steps=7)
+    expected = straight.fit()
+    torch.manual_seed(5)
+    rounds = make_trainer(max_steps=3)
+    assert rounds.fit()["global_step"] == 2
+    rounds.config.max_steps = 7
+    result = rounds.fit()
+    assert result["global_step"] == 6 and result["val_losses"] == expected["val_losses"]
+    for name, tensor in straight.model.state_dict().items():
+        assert torch.equal(tensor, rounds.model.state_dict()[name]), name
