@@ -92,6 +92,28 @@ def resolve_precision(precision, device):
     return precision
 
 
+def keep_freed_memory():
+    """Not in the book: have glibc's malloc keep freed memory for reuse (Linux; process-wide).
+
+    PyTorch takes big CPU tensors (gradients, logits: tens to hundreds of MB) from malloc, which
+    maps fresh pages for each and unmaps them on free, so every training step page-faults them
+    in again: about 15% of a bf16 gpt2-small step's CPU time here. With M_MMAP_MAX = 0 they come
+    from the heap, and a high M_TRIM_THRESHOLD keeps the freed heap for the next step (the
+    process then holds its peak memory). For training processes; returns True if applied.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt  # glibc; musl has none
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def device_summary():
     """A dict for the app's home page: device, its name and memory, bf16 and CPU capability."""
     dev = resolve_device("auto")

@@ -216,6 +216,10 @@ def execute_run(run, *, resume=False, responses=True, callbacks=(), dist=None):
     ``dist``: a ``sft.distributed.DistContext`` under torchrun. Ranks other than 0 only train
     (no lock, no files); rank 0 does everything else once training ends.
     """
+    from .hardware import keep_freed_memory, resolve_device
+
+    if resolve_device(run.config.device if dist is None else dist.device).type == "cpu":
+        keep_freed_memory()  # a training process: reuse big tensors' memory instead of re-faulting it
     if dist is not None and not dist.is_main:
         return _execute_replica(run, resume, dist)
     from .hardware import device_key
