@@ -40,3 +40,14 @@ def instruction_data():
 @pytest.fixture
 def tiny_cfg():
     return dict(TINY_CFG)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one torch thread is faster than two, and the machine's cores are shared."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -20,12 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PAD = 50256
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_shard_rows_split_every_row_once():

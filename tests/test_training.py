@@ -27,13 +27,7 @@ MINI = {"vocab_size": 97, "context_length": 32, "emb_dim": 16, "n_heads": 2, "n_
         "drop_rate": 0.1, "qkv_bias": False}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matrices: one thread is faster than two, and the machine's cores are shared.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def mini_loaders(n=22, batch_size=4):
