@@ -42,7 +42,7 @@ class Meter:
         import psutil
 
         self._proc = psutil.Process()
-        self.peak_rss = self.start_rss = self._proc.memory_info().rss
+        self.peak_rss = self._proc.memory_info().rss
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -120,7 +120,7 @@ class _Path:
         self.trainer = Trainer(model, config, self.train_loader, self.val_loader, device=device)
         self.trainer.callbacks.append(lambda e: self.losses.append(e["loss"]) if e["type"] == "step" else None)
         self.wall = self.cpu = self.eval_seconds = 0.0
-        self.peak_rss = self.peak_extra = self.cuda_peak = 0
+        self.peak_rss = self.cuda_peak = 0
         evaluate = self.trainer.evaluate
 
         def timed_evaluate():
@@ -141,8 +141,7 @@ class _Path:
             self.result = self.trainer.fit()
         self.rng = torch.get_rng_state()
         self.wall, self.cpu = self.wall + meter.wall, self.cpu + meter.cpu
-        self.peak_rss = max(self.peak_rss, meter.peak_rss)
-        self.peak_extra = max(self.peak_extra, meter.peak_rss - meter.start_rss)
+        self.peak_rss = max(self.peak_rss, meter.peak_rss)  # both paths' models are resident
         self.cuda_peak = max(self.cuda_peak, meter.cuda_peak or 0)
 
     def report(self, eval_iter):
@@ -159,8 +158,7 @@ class _Path:
                "seconds": round(self.wall, 3), "cpu_seconds": round(self.cpu, 3),
                "eval_seconds": round(self.eval_seconds, 3), "losses": self.losses,
                "val_losses": self.result["val_losses"], "val_loss_after": val_after,
-               "peak_rss_mb": round(self.peak_rss / 2**20, 1),
-               "step_peak_extra_mb": round(self.peak_extra / 2**20, 1)}
+               "peak_rss_mb": round(self.peak_rss / 2**20, 1)}
         if trainer.device.type == "cuda":
             out["cuda_max_allocated_mb"] = round(self.cuda_peak / 2**20, 1)
         return out
