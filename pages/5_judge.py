@@ -99,12 +99,18 @@ def score_and_show(entries, path, label):
     items, store = entries[:limit], judge.default_scores_path(path, key)
     st.caption(f"Judge `{client.name}`; scores file `{store}`.")
     if st.button("Score", type="primary", key="judge_go", disabled=not status.reachable, icon=":material/gavel:"):
-        bar = st.progress(0.0, text="Asking the judge…")
+        row = st.columns([6, 1], vertical_alignment="center")
+        bar = row[0].progress(0.0, text="Asking the judge…")
+        # Any click reruns the page, which ends this run at its next progress update; every score
+        # is saved as it arrives (the answers in flight too), so Score later asks only the rest.
+        row[1].button("Stop", key="judge_stop", icon=":material/stop:", help="Score again to resume.")
         try:
             judge.score_responses(items, key, client=client, store=store, concurrency=int(conc),
                                   progress=lambda done, total: bar.progress(done / total, f"{done} of {total} scored"))
         except (judge.JudgeError, ValueError) as exc:  # what was scored is stored; the notes say so
             st.error(" ".join([str(exc), *getattr(exc, "__notes__", [])]), icon=":material/error:")
+    elif st.session_state.get("judge_stop"):
+        st.info("Stopped. The scores so far are saved: Score goes on from there.", icon=":material/pause_circle:")
     try:
         records = judge.scored_records(items, key, store, client)
     except ValueError as exc:  # an entry without the key, or a corrupt scores file: both named

@@ -65,7 +65,7 @@ _EXPORTS = {
     "generate_and_print_sample": "training",
     "train_model_simple": "training",
     "plot_losses": "training",
-    "TrainConfig": "training",
+    "TrainConfig": "config",
     "Trainer": "training",
     # generation.py
     "generate": "generation",
@@ -108,9 +108,9 @@ _EXPORTS = {
     "assign": "weights",
     "DownloadError": "download",
     # training.py (more)
-    "ConfigError": "training",
-    "TrainingError": "training",
-    "oom_advice": "training",
+    "ConfigError": "config",
+    "TrainingError": "config",
+    "oom_advice": "config",
     # generation.py (more)
     "generate_stream": "generation",
     # judge.py (more)

@@ -4,11 +4,12 @@ One process, one randomly initialised model (seeded; gpt2-small by default), the
 bundled data and split. Two measurements, each done both ways on identical inputs:
 
 - training, N optimizer steps through the ``Trainer`` with the chapter's schedule (batch 8,
-  an evaluation every 5 steps over 5 batches), the two paths in alternating rounds of 5 steps
-  (each with its own model copy and RNG state, so each sees the batches it would see alone). Chapter path: ``TrainConfig.chapter_path()``
+  an evaluation every 5 steps over 5 batches), both paths in this process, taking turns a
+  step at a time (each with its own model copy and RNG state, so each sees the batches it
+  would see alone). Chapter path: ``TrainConfig.chapter_path()``
   (fp32, output head and loss over every position, the AdamW loop). Fast path: the defaults
   (bf16 autocast where the hardware does bf16 well, head and loss only where targets count,
-  fused AdamW, evaluation under inference_mode); length grouping stays off, so both paths see
+  fused AdamW, evaluation without autograd); length grouping stays off, so both paths see
   the same batches and their losses compare step by step.
 - answering the first N test prompts with up to ``max_new_tokens`` each. Chapter path: the
   chapter's section 7.7 loop, ``generate`` one prompt at a time, recomputing the whole context
@@ -23,6 +24,7 @@ import copy
 import gc
 import json
 import os
+import statistics
 import sys
 import threading
 import time
@@ -98,6 +100,39 @@ def _log(text):
     print(f"[bench] {text}", file=sys.stderr, flush=True)
 
 
+# ============================================================================ the hardware's ceiling
+
+def matmul_gflops(device, dtype, shape=(512, 768, 3072), seconds=1.0):
+    """Matrix-product throughput (GFLOP/s) of an (m, k) @ (k, n) product, the size of a
+    gpt2-small MLP layer on a training batch: what the hardware gives each precision here."""
+    m, k, n = shape
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
+    for _ in range(3):
+        a @ b
+    done, t0 = 0, time.perf_counter()
+    while True:
+        a @ b
+        done += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds and done >= 3:
+            return round(2 * m * k * n * done / elapsed / 1e9, 1)
+
+
+def bench_matmul(device):
+    """fp32 and (where the fast path uses it) bf16 throughput, and their ratio: the fast path's
+    matrix products cannot beat the latter (on this CPU: Zen 4, AVX512-BF16, no AMX: ~2.2x)."""
+    from .hardware import resolve_precision
+
+    out = {"matmul_shape": [512, 768, 3072], "matmul_gflops": {"fp32": matmul_gflops(device, torch.float32)}}
+    if resolve_precision("auto", device) == "bf16":
+        out["matmul_gflops"]["bf16"] = matmul_gflops(device, torch.bfloat16)
+        out["matmul_bf16_over_fp32"] = round(out["matmul_gflops"]["bf16"] / out["matmul_gflops"]["fp32"], 2)
+    return out
+
+
 # ============================================================================ training
 
 class _Path:
@@ -120,6 +155,7 @@ class _Path:
         self.trainer = Trainer(model, config, self.train_loader, self.val_loader, device=device)
         self.trainer.callbacks.append(lambda e: self.losses.append(e["loss"]) if e["type"] == "step" else None)
         self.wall = self.cpu = self.eval_seconds = 0.0
+        self.round_seconds = []  # wall seconds of each run_to (a round: steps and the evaluations due)
         self.peak_rss = self.cuda_peak = 0
         evaluate = self.trainer.evaluate
 
@@ -141,6 +177,7 @@ class _Path:
             self.result = self.trainer.fit()
         self.rng = torch.get_rng_state()
         self.wall, self.cpu = self.wall + meter.wall, self.cpu + meter.cpu
+        self.round_seconds.append(round(meter.wall, 3))
         self.peak_rss = max(self.peak_rss, meter.peak_rss)  # both paths' models are resident
         self.cuda_peak = max(self.cuda_peak, meter.cuda_peak or 0)
 
@@ -156,7 +193,8 @@ class _Path:
                "tokens_per_s": round(tokens / self.wall, 2),
                "step_tokens_per_s": round(tokens / (self.wall - self.eval_seconds), 2),
                "seconds": round(self.wall, 3), "cpu_seconds": round(self.cpu, 3),
-               "eval_seconds": round(self.eval_seconds, 3), "losses": self.losses,
+               "eval_seconds": round(self.eval_seconds, 3), "round_seconds": self.round_seconds,
+               "losses": self.losses,
                "val_losses": self.result["val_losses"], "val_loss_after": val_after,
                "peak_rss_mb": round(self.peak_rss / 2**20, 1)}
         if trainer.device.type == "cuda":
@@ -165,9 +203,10 @@ class _Path:
 
 
 def bench_training(args, model_cfg, init_state, splits, tokenizer, device):
-    """Both paths in alternating rounds of ``eval_freq`` steps, so a slow spell of a shared
-    machine falls on both rather than on one; each path sees the batches it would see alone."""
-    from .trainer import TrainConfig
+    """Both paths in one process, taking turns ``round_steps`` optimizer steps (and the
+    evaluations due) at a time, so a slow spell of a shared machine falls on both rather than on
+    one; each path sees the batches it would see alone (its own model copy and RNG state)."""
+    from .config import TrainConfig
 
     common = dict(model=args.model, weights="random", batch_size=args.batch_size, max_steps=args.train_steps,
                   eval_freq=args.eval_freq, eval_iter=args.eval_iter, seed=args.seed, sample_each_epoch=False,
@@ -176,9 +215,10 @@ def bench_training(args, model_cfg, init_state, splits, tokenizer, device):
     paths = [_Path("chapter", TrainConfig.chapter_path(**common), model_cfg, init_state, splits, tokenizer, device),
              _Path("fast", TrainConfig(**common, group_by_length=False), model_cfg, init_state, splits, tokenizer,
                    device)]
-    for stop in range(args.eval_freq, args.train_steps + args.eval_freq, args.eval_freq):
+    for stop in range(args.round_steps, args.train_steps + args.round_steps, args.round_steps):
         for path in paths:
-            _log(f"training, {path.label} path ({path.trainer.precision}), to step {min(stop, args.train_steps)}")
+            if stop == args.round_steps or stop % args.eval_freq == 0 or stop >= args.train_steps:
+                _log(f"training, {path.label} path ({path.trainer.precision}), to step {min(stop, args.train_steps)}")
             path.run_to(min(stop, args.train_steps))
     chapter, fast = (path.report(args.eval_iter) for path in paths)
     for path in paths:
@@ -190,6 +230,9 @@ def bench_training(args, model_cfg, init_state, splits, tokenizer, device):
         "train_ratio": round(fast["tokens_per_s"] / chapter["tokens_per_s"], 3),
         "train_ratio_cpu": round(chapter["cpu_seconds"] / fast["cpu_seconds"], 3),
         "train_step_ratio": round(fast["step_tokens_per_s"] / chapter["step_tokens_per_s"], 3),
+        # Each round's chapter/fast time ratio (same batches, same moment): robust to slow spells.
+        "train_round_ratio_median": round(statistics.median(
+            c / f for c, f in zip(chapter["round_seconds"], fast["round_seconds"])), 3),
         "losses": {"chapter": chapter["losses"], "fast": fast["losses"]},
         "loss_rel_diff_last": round(abs(last_f - last_c) / abs(last_c), 6),
         "val_loss_after_rel_diff": round(abs(fast["val_loss_after"] - chapter["val_loss_after"])
@@ -275,6 +318,8 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=8, help="the chapter's batch size")
     p.add_argument("--eval-freq", type=int, default=5, help="evaluate every N steps (the chapter's schedule)")
     p.add_argument("--eval-iter", type=int, default=5, help="batches per evaluation")
+    p.add_argument("--round-steps", type=int, default=1,
+                   help="the paths take turns, this many optimizer steps (and the evaluations due) at a time")
     p.add_argument("--allowed-max-length", type=int, default=1024, help="truncate examples (the chapter: 1024)")
     p.add_argument("--gen-prompts", type=int, default=110, help="test prompts to answer (0 skips generation)")
     p.add_argument("--max-new-tokens", type=int, default=32,
@@ -311,6 +356,8 @@ def run(args):
             "malloc_keeps_freed_memory": allocator, "load_avg_before": [round(x, 2) for x in os.getloadavg()]}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    _tf32(False)
+    info.update(bench_matmul(device))
     if args.train_steps > 0:
         info.update(bench_training(args, model_cfg, init_state, (train, test, val), tokenizer, device))
     if args.gen_prompts > 0:

@@ -49,7 +49,7 @@ def _model_names():
 
 
 def _add_train_arguments(p):
-    from .trainer import TrainConfig
+    from .config import TrainConfig
 
     d = TrainConfig()
     g = p.add_argument_group("model")
@@ -170,7 +170,7 @@ def _first_command(argv):
 # ============================================================================ train
 
 def _config_from_args(args):
-    from .trainer import TrainConfig
+    from .config import TrainConfig
 
     weights = args.weights or ("random" if str(args.model).strip().lower().startswith("tiny") else "openai")
     settings = dict(
@@ -280,7 +280,7 @@ def _describe(run, world_size=1):
 def cmd_train(args):
     from .distributed import launched_by_torchrun
     from .runs import RunError
-    from .trainer import TrainingError
+    from .config import TrainingError
     from .worker import execute_run
 
     if launched_by_torchrun():
@@ -333,7 +333,7 @@ def _train_distributed(args):
 
     from .distributed import init_from_env, shutdown
     from .runs import Run
-    from .trainer import TrainConfig
+    from .config import TrainConfig
     from .worker import execute_run
 
     code = 1
@@ -424,7 +424,7 @@ def _model_for_generate(args):
 
     from .runs import Run, load_checkpoint
     from .worker import build_model
-    from .trainer import TrainConfig
+    from .config import TrainConfig
 
     if args.run_dir:
         run = Run(args.run_dir)
@@ -454,7 +454,7 @@ def cmd_generate(args):
     from .runs import read_json
     from .worker import load_splits
     from .tokenizer import get_tokenizer
-    from .trainer import TrainConfig
+    from .config import TrainConfig
 
     try:
         model, style, run = _model_for_generate(args)
@@ -502,7 +502,7 @@ def main(argv=None):
     try:
         return handler(args)
     except Exception as exc:
-        from .trainer import ConfigError
+        from .config import ConfigError
 
         if isinstance(exc, ConfigError):
             print(f"error: {exc}", file=sys.stderr)

@@ -18,6 +18,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
+# Not in the book: rows up to this many tokens take the plain attention formula on CPU in bf16
+# (faster there than the fused kernels, which win on longer rows; measured with torch 2.13).
+CPU_MATH_ATTENTION_MAX_TOKENS = 128
+
+
 class LayerNorm(nn.Module):
     """Normalise the last dimension to mean 0, variance 1, then scale and shift (learned)."""
 
@@ -85,32 +90,44 @@ class MultiHeadAttention(nn.Module):
         # Not in the book: with ``packed`` (a ``Packed``), x is (N, d_in), the real positions only;
         # the projections run on those N rows, attention on the (B, T) layout.
         b, num_tokens = packed.keep.shape if packed is not None else x.shape[:2]
-        unpack = packed.scatter if packed is not None else (lambda t: t)
+        queries, keys, values = self.W_query(x), self.W_key(x), self.W_value(x)
+        if packed is not None:  # one scatter for all three (B, T, 3 * d_out), not three
+            queries, keys, values = packed.scatter(torch.cat([queries, keys, values], dim=-1)).chunk(3, dim=-1)
 
-        # (B, T, d_out) -> (B, n_heads, T, head_dim)
-        def split(t):
-            return unpack(t).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        def split(t):  # (B, T, d_out) -> (B, n_heads, T, head_dim)
+            return t.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
 
-        queries = split(self.W_query(x))
-        keys = split(self.W_key(x))
-        values = split(self.W_value(x))
+        queries, keys, values = split(queries), split(keys), split(values)
         if kv is not None:  # Not in the book: keys/values of all positions so far, (B, H, T_keys, hd)
             keys, values = kv.update(keys, values)
+        dropout_p = self.dropout.p if self.training else 0.0
         dtype, autocast = queries.dtype, nullcontext()
-        if dtype == torch.bfloat16 and x.device.type == "cpu" and torch.is_grad_enabled():
-            # Not in the book: on CPU, PyTorch's bf16 attention backward is ~3x slower than its
-            # fp32 one (torch 2.13); attention is a small share of the FLOPs, so train it in fp32.
-            queries, keys, values = queries.float(), keys.float(), values.float()
-            autocast = torch.autocast("cpu", enabled=False)  # else autocast casts them back to bf16
-        # A lone query (decoding with a cache) may see every cached key; is_causal would wrongly
-        # align its triangle top-left, so it is used only when queries and keys start together.
-        with autocast:
-            context_vec = F.scaled_dot_product_attention(
-                queries, keys, values,
-                attn_mask=attn_mask,
-                dropout_p=self.dropout.p if self.training else 0.0,
-                is_causal=attn_mask is None and num_tokens > 1,
-            ).to(dtype)  # (B, H, T, hd), scaled by 1/sqrt(head_dim) as in the chapter
+        cpu_bf16 = dtype == torch.bfloat16 and x.device.type == "cpu"
+        if cpu_bf16 and attn_mask is None and kv is None and 1 < num_tokens <= CPU_MATH_ATTENTION_MAX_TOKENS:
+            # Not in the book: for short rows on CPU, the chapter's own formula (two bf16 matrix
+            # products, an fp32 softmax) beats PyTorch's fused kernels (fp32 here: ~2x faster for
+            # the chapter's ~60-token batches, forward and backward; the fused one wins on long rows).
+            with torch.autocast("cpu", enabled=False):
+                scores = (queries @ keys.transpose(2, 3)).float()  # (B, H, T, T)
+                causal = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=x.device).triu(1)
+                weights = torch.softmax(scores.masked_fill(causal, float("-inf")) / self.head_dim ** 0.5, dim=-1)
+                weights = F.dropout(weights, dropout_p, training=self.training)
+                context_vec = weights.to(dtype) @ values  # (B, H, T, hd)
+        else:
+            if cpu_bf16 and torch.is_grad_enabled():
+                # Not in the book: on CPU, PyTorch's bf16 attention backward is ~3x slower than its
+                # fp32 one (torch 2.13); attention is a small share of the FLOPs, so train it in fp32.
+                queries, keys, values = queries.float(), keys.float(), values.float()
+                autocast = torch.autocast("cpu", enabled=False)  # else autocast casts them back to bf16
+            # A lone query (decoding with a cache) may see every cached key; is_causal would wrongly
+            # align its triangle top-left, so it is used only when queries and keys start together.
+            with autocast:
+                context_vec = F.scaled_dot_product_attention(
+                    queries, keys, values,
+                    attn_mask=attn_mask,
+                    dropout_p=dropout_p,
+                    is_causal=attn_mask is None and num_tokens > 1,
+                ).to(dtype)  # (B, H, T, hd), scaled by 1/sqrt(head_dim) as in the chapter
         context_vec = context_vec.transpose(1, 2).reshape(b, num_tokens, self.d_out)
         if packed is not None:
             context_vec = context_vec[packed.keep]  # back to (N, d_out)

@@ -228,7 +228,7 @@ class Run:
 
     @property
     def config(self):
-        from .trainer import TrainConfig
+        from .config import TrainConfig
 
         return TrainConfig.load(self.config_path)
 

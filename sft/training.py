@@ -3,9 +3,9 @@
 ``calc_loss_batch``, ``calc_loss_loader``, ``evaluate_model``, ``generate_and_print_sample``,
 ``train_model_simple`` and ``plot_losses`` (drawn with Plotly here), with the book's signatures.
 
-Not in the book: the resumable ``Trainer`` and its ``TrainConfig`` live in ``sft.trainer``
-(DDP helpers in ``sft.distributed``); they are re-exported here so ``from sft.training import
-TrainConfig, Trainer`` keeps working.
+Not in the book: the run settings ``TrainConfig`` live in ``sft.config``, the resumable
+``Trainer`` in ``sft.trainer`` (DDP helpers in ``sft.distributed``); they are re-exported here
+so ``from sft.training import TrainConfig, Trainer`` keeps working.
 """
 import os
 

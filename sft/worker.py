@@ -223,7 +223,7 @@ def execute_run(run, *, resume=False, responses=True, callbacks=(), dist=None):
     if dist is not None and not dist.is_main:
         return _execute_replica(run, resume, dist)
     from .hardware import device_key
-    from .trainer import TrainingError
+    from .config import TrainingError
 
     config = run.config
     key = device_key(config.device if dist is None else dist.device)

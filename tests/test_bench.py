@@ -21,6 +21,10 @@ def test_bench_prints_one_json_line_and_both_paths_agree(capsys, tmp_path):
                 "gen_seconds", "gen_ratio", "gen_prompts", "max_new_tokens", "load_avg_before"):
         assert key in result, key
     assert result["device"] == "cpu" and result["threads"] == 1 and result["weights"] == "random"
+    assert result["matmul_gflops"]["fp32"] > 0 and result["matmul_shape"] == [512, 768, 3072]
+    chapter_rounds = result["train"]["chapter"]["round_seconds"]
+    assert len(chapter_rounds) == len(result["train"]["fast"]["round_seconds"]) == 2  # turns of one step
+    assert result["train_round_ratio_median"] > 0
     chapter, fast = result["train"]["chapter"], result["train"]["fast"]
     assert (chapter["precision"], chapter["masked_head"], fast["masked_head"]) == ("fp32", False, True)
     assert chapter["tokens"] == fast["tokens"] > 0  # the same batches

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+import sft.model as model_module
 from sft.model import (
     BASE_CONFIG,
     GELU,
@@ -144,6 +145,37 @@ def test_gradient_checkpointing_same_loss_and_grads(tiny_cfg):
     torch.testing.assert_close(loss_ckpt, loss_plain)
     for g1, g2 in zip(grads_ckpt, grads_plain):
         torch.testing.assert_close(g1, g2)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_cpu_bf16_short_rows_attention_formula_matches_fused_kernel(tiny_cfg, packed, monkeypatch):
+    """On CPU in bf16, rows up to CPU_MATH_ATTENTION_MAX_TOKENS take the chapter's plain formula
+    instead of PyTorch's fused kernel: same loss and gradients (to bf16 rounding), padded or packed."""
+    torch.manual_seed(11)
+    model = GPTModel(tiny_cfg).train()
+    ids = torch.randint(0, tiny_cfg["vocab_size"], (3, 9))
+    targets = torch.randint(0, tiny_cfg["vocab_size"], (3, 9))
+    lengths = torch.tensor([9, 4, 6]) if packed else None
+    keep = torch.arange(9)[None, :] < lengths[:, None] if packed else torch.ones(3, 9, dtype=torch.bool)
+
+    def loss_and_grads(max_tokens):
+        monkeypatch.setattr(model_module, "CPU_MATH_ATTENTION_MAX_TOKENS", max_tokens)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = model(ids, return_hidden=True, lengths=lengths)
+            logits = model.out_head(hidden if packed else hidden[keep])
+            loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss_formula, grads_formula = loss_and_grads(128)
+    loss_fused, grads_fused = loss_and_grads(0)  # 0: every row takes the fused kernel
+    assert model_module.CPU_MATH_ATTENTION_MAX_TOKENS == 0
+    torch.testing.assert_close(loss_formula, loss_fused, rtol=1e-2, atol=1e-2)
+    for name, grad in grads_formula.items():
+        scale = grads_fused[name].abs().max().item() + 1e-6
+        assert (grad - grads_fused[name]).abs().max().item() / scale < 5e-2, name
+    assert loss_formula != loss_fused  # two different computations (bf16 products vs an fp32 kernel)
 
 
 def test_kv_cache_incremental_equals_full_forward(tiny_cfg):

@@ -10,7 +10,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from sft.batching import create_data_loaders
 from sft.model import GPTModel
 from sft.training import (
-    ConfigError,
     TrainConfig,
     Trainer,
     TrainingError,
@@ -158,38 +157,6 @@ def test_plot_losses_draws_chapter_figure(tmp_path):
     assert fig.layout.xaxis.title.text == "Epochs" and fig.layout.xaxis2.title.text == "Tokens seen"
     assert fig.layout.yaxis.title.text == "Loss"
     assert (tmp_path / "loss.html").stat().st_size > 1000
-
-
-# ============================================================================ TrainConfig
-
-def test_train_config_defaults_are_the_chapters():
-    c = TrainConfig()
-    assert (c.model, c.epochs, c.lr, c.weight_decay, c.batch_size, c.eval_freq, c.eval_iter, c.seed) == \
-        ("gpt2-medium (355M)", 2, 5e-5, 0.1, 8, 5, 5, 123)
-    assert c.validate() is c
-
-
-def test_train_config_reports_every_problem():
-    bad = TrainConfig(model="gpt5", epochs=0, lr=-1.0, batch_size=0, precision="fp16", weights="s3",
-                      max_steps=0, prompt_style="chatml", device="tpu")
-    with pytest.raises(ConfigError) as err:
-        bad.validate()
-    problems = err.value.problems
-    for word in ("model", "epochs", "lr", "batch_size", "precision", "weights", "max_steps", "prompt_style",
-                 "device"):
-        assert any(p.startswith(word) for p in problems), word
-    assert len(problems) == 9
-    with pytest.raises(ConfigError, match="has no pretrained weights"):
-        TrainConfig(model="tiny", weights="openai").validate()
-
-
-def test_train_config_json_round_trip(tmp_path):
-    c = TrainConfig(model="tiny", weights="random", epochs=3, max_steps=7)
-    c.save(tmp_path / "config.json")
-    assert TrainConfig.load(tmp_path / "config.json") == c
-    (tmp_path / "bad.json").write_text(json.dumps({**c.to_dict(), "learning_rate": 1}))
-    with pytest.raises(ConfigError, match="unknown setting 'learning_rate'"):
-        TrainConfig.load(tmp_path / "bad.json")
 
 
 # ============================================================================ Trainer
