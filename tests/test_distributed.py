@@ -127,3 +127,47 @@ def test_two_processes_stop_resume_and_match_one_process(tmp_path):
     for name, tensor in single.model.state_dict().items():
         assert torch.allclose(weights[name], tensor, atol=1e-5), name
     assert json.loads(run.status_path.read_text())["world_size"] == 2
+
+
+def train(run, nproc, *extra):
+    """``python -m sft train`` on a run folder: under torchrun with ``nproc`` > 1, else plainly."""
+    if nproc > 1:
+        return torchrun(run, *extra)
+    cmd = [sys.executable, "-m", "sft", "train", "--run-dir", str(run.path), "--progress", "plain",
+           "--no-responses", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
+def test_a_stopped_run_resumes_with_another_number_of_processes(tmp_path, first, then):
+    """The checkpoint holds the global position and the chapter's shuffle state, not a rank's, so a
+    run stopped in N processes goes on in M and ends as one process straight through would."""
+    run = Run.create(ddp_config(), root=tmp_path, name=f"ddp-{first}-then-{then}")
+    proc = train(run, first)
+    deadline = time.monotonic() + 90
+    while steps_done(run) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    run.request_stop()
+    out = finish(proc)
+    assert run.state == "stopped", out
+    stopped_at = torch.load(run.checkpoint_path, weights_only=True)["global_step"]
+
+    config = run.config
+    config.max_steps = stopped_at + 4
+    config.save(run.config_path)
+    out = finish(train(run, then, "--resume"))
+    assert run.state == "completed", out
+    assert ("DDP: 2 processes" in out) == (then == 2)
+
+    steps = run.read_metrics("step")
+    assert [e["step"] for e in steps] == list(range(stopped_at + 4))
+    single, _ = build_trainer(config)
+    events = []
+    single.callbacks.append(events.append)
+    single.fit()
+    assert [e["loss"] for e in steps] == pytest.approx([e["loss"] for e in events if e["type"] == "step"], rel=1e-5)
+    weights = torch.load(run.model_path, weights_only=True)
+    for name, tensor in single.model.state_dict().items():
+        assert torch.allclose(weights[name], tensor, atol=1e-5), name
