@@ -122,8 +122,9 @@ def score_and_show(entries, path, label):
     m[0].metric("Scored", f"{s['n']} of {len(items)}")
     m[1].metric("Mean", num(s["mean"]))
     m[2].metric("Median", num(s["median"], "g"))
-    m[3].metric("95% bootstrap CI", num(s["ci_low"], ".1f") + " – " + num(s["ci_high"], ".1f"))
-    st.plotly_chart(plot_score_histogram(s), key="judge_hist")
+    m[3].metric("95% bootstrap CI", "–" if s["ci_low"] is None else f"{s['ci_low']:.1f} – {s['ci_high']:.1f}")
+    if s["n"]:
+        st.plotly_chart(plot_score_histogram(s), key="judge_hist")
     table = pandas.DataFrame([{"#": i, "instruction": e["instruction"], "input": e.get("input", ""),
                                "reference": e["output"], "answer": e[key], "score": r["score"] if r else None,
                                "judge reply": r["raw"] if r else None} for i, (e, r) in enumerate(zip(items, records))])
