@@ -130,7 +130,7 @@ class MultiHeadAttention(nn.Module):
                 ).to(dtype)  # (B, H, T, hd), scaled by 1/sqrt(head_dim) as in the chapter
         context_vec = context_vec.transpose(1, 2).reshape(b, num_tokens, self.d_out)
         if packed is not None:
-            context_vec = context_vec[packed.keep]  # back to (N, d_out)
+            context_vec = packed.gather(context_vec)  # back to (N, d_out)
         return self.out_proj(context_vec)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -241,8 +241,8 @@ class GPTModel(nn.Module):
             raise ValueError(f"input has {seq_len} tokens but the model's context_length is "
                              f"{self.pos_emb.num_embeddings}")
         packed = Packed(torch.arange(seq_len, device=in_idx.device) < lengths.to(in_idx.device)[:, None])
-        pos = packed.keep.nonzero()[:, 1]  # (N,) each kept position's index in its row
-        x = self.drop_emb(self.tok_emb(in_idx[packed.keep]) + self.pos_emb(pos))  # (N, C)
+        pos = packed.positions()  # (N,) each kept position's index in its row
+        x = self.drop_emb(self.tok_emb(packed.gather(in_idx)) + self.pos_emb(pos))  # (N, C)
         for block in self.trf_blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, None, None, packed, use_reentrant=False)
@@ -280,11 +280,26 @@ def _positions_and_mask(valid, start, past_valid=None):
 
 
 class Packed:
-    """Which positions of a (B, T) batch are computed: ``keep`` (B, T) bool, a prefix of each row."""
+    """Which positions of a (B, T) batch are computed: ``keep`` (B, T) bool, a prefix of each row.
+
+    Its methods' output sizes depend on the data (how many positions are kept), which
+    ``torch.compile`` cannot put in a graph: it runs them as they are, between compiled parts.
+    """
 
     def __init__(self, keep):
         self.keep = keep
 
+    @torch.compiler.disable
+    def positions(self):
+        """(N,) the index of each kept position within its row."""
+        return self.keep.nonzero()[:, 1]
+
+    @torch.compiler.disable
+    def gather(self, t):
+        """(B, T, ...) -> (N, ...): the kept positions, row by row."""
+        return t[self.keep]
+
+    @torch.compiler.disable
     def scatter(self, t):
         """(N, C) rows of the kept positions -> (B, T, C), zeros elsewhere."""
         out = t.new_zeros(*self.keep.shape, t.shape[-1])

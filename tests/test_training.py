@@ -371,3 +371,31 @@ def test_fit_again_with_more_steps_goes_on_in_memory():
     assert result["global_step"] == 6 and result["val_losses"] == expected["val_losses"]
     for name, tensor in straight.model.state_dict().items():
         assert torch.equal(tensor, rounds.model.state_dict()[name]), name
+
+
+@pytest.mark.slow
+def test_compile_trains_the_same_and_breaks_graphs_only_where_asked():
+    """``compile=True``: the packed forward's data-sized steps (``Packed``'s methods) are marked to
+    run outside the graphs, so torch.compile meets no other break (each would print a warning)
+    and the losses are those of the plain model."""
+    from torch._dynamo.utils import counters
+
+    def build(compile):  # no dropout: compiled code draws its random masks differently
+        torch.manual_seed(1)
+        train, val = mini_loaders()
+        config = TrainConfig(epochs=3, eval_freq=2, eval_iter=2, lr=1e-3, precision="fp32", max_steps=4,
+                             compile=compile)
+        return Trainer(GPTModel({**MINI, "drop_rate": 0.0}), config, train, val)
+
+    losses = {}
+    counters.clear()
+    for name, trainer in (("plain", build(False)), ("compiled", build(True))):
+        events = []
+        trainer.callbacks.append(events.append)
+        torch.manual_seed(5)
+        trainer.fit()
+        losses[name] = [e["loss"] for e in events if e["type"] == "step"]
+    assert len(losses["compiled"]) == 4
+    assert losses["compiled"] == pytest.approx(losses["plain"], rel=1e-4)
+    breaks = list(counters["graph_break"])
+    assert breaks and all(b.startswith("Skip inlining `torch.compiler.disable()`d function") for b in breaks), breaks
