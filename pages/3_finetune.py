@@ -54,12 +54,26 @@ with st.expander("More settings", key="ft_more"):
     eval_freq = c[0].number_input("Evaluate every N steps", 1, 10_000, d.eval_freq, key="ft_eval_freq")
     eval_iter = c[1].number_input("Batches per evaluation", 1, 1_000, d.eval_iter, key="ft_eval_iter")
     seed = c[2].number_input("Seed", 0, 2**31 - 1, d.seed, key="ft_seed")
-    precision = c[3].selectbox("Precision", ["auto", "fp32", "bf16"], key="ft_precision")
+    precision = c[3].selectbox("Precision", ["auto", "fp32", "bf16"], key="ft_precision",
+                               disabled=bool(ss.get("ft_chapter_path")))
     limit = c[0].number_input("Use the first N entries (0 = all)", 0, 10**7, 0, key="ft_limit")
     max_steps = c[1].number_input("Stop after N steps (0 = no limit)", 0, 10**7, 0, key="ft_max_steps")
     response_tokens = c[2].number_input("Max tokens per test answer", 1, 1024, d.response_tokens,
                                         key="ft_response_tokens")
     run_name = c[3].text_input("Run name (optional)", key="ft_run_name")
+    chapter = st.toggle("The chapter's exact computation (slow)", key="ft_chapter_path",
+                        help="fp32, output head and loss at every position, PyTorch's default AdamW: what "
+                             "train_model_simple computes. Off: the fast path (same losses to bf16 rounding).")
+    c = st.columns(4, vertical_alignment="bottom")
+    accum = c[0].number_input("Gradient accumulation steps", 1, 256, d.grad_accum_steps, key="ft_accum",
+                              disabled=chapter, help="Each optimizer step averages this many batches: a "
+                              "smaller batch size with the same effective batch, in less memory.")
+    ckpt = c[1].checkbox("Activation checkpointing", key="ft_ckpt", disabled=chapter,
+                         help="Recompute activations in backward: much less memory, ~30% slower.")
+    grouped = c[2].checkbox("Group batches by length", key="ft_grouped", disabled=chapter,
+                            help="Less padding; changes the chapter's batch order.")
+    compiled = c[3].checkbox("torch.compile", key="ft_compile", disabled=chapter,
+                             help="Compiles the model first (tens of seconds); can pay off on GPUs.")
 st.caption(f"Data: {ss.dataset_name}; prompt style `{ss.prompt_style}`; allowed_max_length "
            f"{ss.allowed_max_length}; instruction masking {'on' if ss.mask_instruction else 'off'} "
            "(set on the Data and Batches pages).")
@@ -69,12 +83,15 @@ if busy:  # one training per device: say which run holds it
     st.info(f"`{device_key(device)}` is busy: run `{busy.get('run')}` is training on it. Stop it, or wait, "
             "before starting another.", icon=":material/hourglass_top:")
 if st.button("Start training", type="primary", key="ft_start", disabled=not ready or bool(busy)):
-    config = TrainConfig(model=model, weights=source, models_dir=str(common.models_dir()),
-                         data=common.dataset_file(), limit=limit or None, prompt_style=ss.prompt_style,
-                         allowed_max_length=ss.allowed_max_length, mask_instruction=ss.mask_instruction,
-                         epochs=epochs, lr=lr, weight_decay=wd, batch_size=batch_size, eval_freq=eval_freq,
-                         eval_iter=eval_iter, seed=seed, device=device, precision=precision,
-                         max_steps=max_steps or None, response_tokens=response_tokens)
+    settings = dict(model=model, weights=source, models_dir=str(common.models_dir()),
+                    data=common.dataset_file(), limit=limit or None, prompt_style=ss.prompt_style,
+                    allowed_max_length=ss.allowed_max_length, mask_instruction=ss.mask_instruction,
+                    epochs=epochs, lr=lr, weight_decay=wd, batch_size=batch_size, eval_freq=eval_freq,
+                    eval_iter=eval_iter, seed=seed, device=device, max_steps=max_steps or None,
+                    response_tokens=response_tokens)
+    config = (TrainConfig.chapter_path(**settings) if chapter else
+              TrainConfig(**settings, precision=precision, grad_accum_steps=accum, activation_checkpointing=ckpt,
+                          group_by_length=grouped, compile=compiled))
     try:
         run = Run.create(config, root=common.runs_dir(), name=run_name.strip() or None)
         try:
@@ -151,5 +168,5 @@ rows = [r.summary() for r in runs]
 for row in rows:  # the chapter counts steps from 0
     row["steps done"] = row["step"] + 1 if row["step"] is not None else 0
 st.dataframe(common.frame(rows), hide_index=True, key="ft_runs",
-             column_order=["name", "state", "model", "weights", "epochs", "steps done", "total_steps",
+             column_order=["name", "state", "model", "weights", "path", "epochs", "steps done", "total_steps",
                            "train_loss", "val_loss", "device", "error"])

@@ -331,7 +331,8 @@ class Run:
         status, config = self.status(), self.config
         progress = status.get("progress") or {}
         return {"name": self.name, "state": status.get("state"), "model": config.model,
-                "weights": config.weights, "epochs": config.epochs, "step": progress.get("step"),
+                "weights": config.weights, "path": "chapter" if config.is_chapter_path() else "fast",
+                "epochs": config.epochs, "step": progress.get("step"),
                 "total_steps": progress.get("total_steps"), "train_loss": progress.get("train_loss"),
                 "val_loss": progress.get("val_loss"), "created": status.get("created"),
                 "updated": status.get("updated"), "device": status.get("device"), "error": status.get("error")}

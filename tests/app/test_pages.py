@@ -241,6 +241,42 @@ def test_finetune_page_one_training_per_device(app_dirs):
 
 
 @pytest.mark.slow
+def test_finetune_page_chapter_path_switch_and_memory_settings(app_dirs):
+    from sft.runs import Run
+
+    at = open_page("pages/3_finetune.py")
+    at.button(key="ft_use_tiny").click().run()
+    at.number_input(key="ft_limit").set_value(60)
+    at.number_input(key="ft_max_steps").set_value(2)
+    at.number_input(key="ft_response_tokens").set_value(2)
+    at.toggle(key="ft_chapter_path").set_value(True).run()
+    assert at.number_input(key="ft_accum").disabled and at.checkbox(key="ft_ckpt").disabled
+    assert at.selectbox(key="ft_precision").disabled
+    at.text_input(key="ft_run_name").set_value("chapter").run()
+    at.button(key="ft_start").click().run()
+    assert not at.exception and not at.error
+    chapter = Run.open("chapter", root=app_dirs["runs"])
+    assert chapter.config.is_chapter_path()
+    assert chapter.wait(timeout=180)["state"] == "completed", chapter.tail_log(30)
+
+    at.toggle(key="ft_chapter_path").set_value(False).run()
+    at.number_input(key="ft_accum").set_value(2)
+    at.checkbox(key="ft_ckpt").check()
+    at.checkbox(key="ft_grouped").check()
+    at.text_input(key="ft_run_name").set_value("lean").run()
+    at.button(key="ft_start").click().run()
+    assert not at.exception and not at.error
+    lean = Run.open("lean", root=app_dirs["runs"])
+    c = lean.config
+    assert (c.grad_accum_steps, c.activation_checkpointing, c.group_by_length, c.compile) == (2, True, True, False)
+    assert not c.is_chapter_path() and c.masked_head_loss
+    assert lean.wait(timeout=180)["state"] == "completed", lean.tail_log(30)
+    at.run()
+    table = at.dataframe[-1].value
+    assert dict(zip(table["name"], table["path"])) == {"chapter": "chapter", "lean": "fast"}
+
+
+@pytest.mark.slow
 def test_finetune_page_trains_the_tiny_model(app_dirs):
     from sft.runs import Run
 
