@@ -240,15 +240,21 @@ def test_finetune_page_one_training_per_device(app_dirs):
     assert "is busy" not in texts(at.info) and not at.button(key="ft_start").disabled
 
 
-@pytest.mark.slow
-def test_finetune_page_chapter_path_switch_and_memory_settings(app_dirs):
-    from sft.runs import Run
-
+def tiny_finetune_page(response_tokens):
+    """The Fine-tune page set for a short run of the tiny model: 60 entries, 2 steps."""
     at = open_page("pages/3_finetune.py")
     at.button(key="ft_use_tiny").click().run()
     at.number_input(key="ft_limit").set_value(60)
     at.number_input(key="ft_max_steps").set_value(2)
-    at.number_input(key="ft_response_tokens").set_value(2)
+    at.number_input(key="ft_response_tokens").set_value(response_tokens)
+    return at
+
+
+@pytest.mark.slow
+def test_finetune_page_chapter_path_switch_and_memory_settings(app_dirs):
+    from sft.runs import Run
+
+    at = tiny_finetune_page(response_tokens=2)
     at.toggle(key="ft_chapter_path").set_value(True).run()
     assert at.number_input(key="ft_accum").disabled and at.checkbox(key="ft_ckpt").disabled
     assert at.selectbox(key="ft_precision").disabled
@@ -280,11 +286,7 @@ def test_finetune_page_chapter_path_switch_and_memory_settings(app_dirs):
 def test_finetune_page_trains_the_tiny_model(app_dirs):
     from sft.runs import Run
 
-    at = open_page("pages/3_finetune.py")
-    at.button(key="ft_use_tiny").click().run()
-    at.number_input(key="ft_limit").set_value(60)
-    at.number_input(key="ft_max_steps").set_value(2)
-    at.number_input(key="ft_response_tokens").set_value(4)
+    at = tiny_finetune_page(response_tokens=4)
     at.text_input(key="ft_run_name").set_value("apptest").run()
     at.button(key="ft_start").click().run()
     assert not at.exception and not at.error
