@@ -49,11 +49,17 @@ else:
     instruction = st.text_area("Instruction", "Rewrite the sentence using a simile.", key="cmp_instruction")
     inp = st.text_input("Input (optional)", "The car is very fast.", key="cmp_input")
     entries = [{"instruction": instruction, "input": inp}] if instruction.strip() else []
-c = st.columns(4)
+c = st.columns(5)
 max_new = c[0].number_input("Max new tokens", 1, 1024, 256, key="cmp_max_new")
 temperature = c[1].number_input("Temperature (0 = greedy)", 0.0, 5.0, 0.0, step=0.1, key="cmp_temp")
 top_k = c[2].number_input("Top-k (0 = off)", 0, 50257, 0, key="cmp_top_k")
 seed = c[3].number_input("Seed", 0, 2**31 - 1, 123, key="cmp_seed")
+fast_bf16 = bool(common.device_info()["summary"].get("cpu_bf16"))
+common.start_widget("cmp_precision", "bf16" if fast_bf16 else "fp32", ["fp32", "bf16"])
+bf16 = c[4].selectbox("Precision", ["fp32", "bf16"], key="cmp_precision",
+                      help="fp32: token for token the chapter's greedy answers. bf16: a bf16 copy of the "
+                           "models, faster where the CPU does bf16 well (here: " +
+                           ("yes" if fast_bf16 else "no") + "); a near-tie may then pick another token.") == "bf16"
 decoding = dict(prompt_style=cfg.prompt_style, max_new_tokens=max_new, temperature=temperature,
                 top_k=top_k or None)
 
@@ -65,8 +71,8 @@ def answer(model, todo, **kw):
 
 if st.button("Generate answers", type="primary", key="cmp_go", disabled=not entries):
     with st.spinner("Generating…"):
-        tuned = answer(common.finetuned_model(str(run.path), weights_path, mtime), entries)
-        based = (answer(common.base_model(base, base_source), entries)
+        tuned = answer(common.finetuned_model(str(run.path), weights_path, mtime, bf16), entries)
+        based = (answer(common.base_model(base, base_source, bf16), entries)
                  if base_source else [None] * len(entries))
     ss.cmp_results = [{**e, "base": b, "tuned": t, "base_name": base, "run": name}
                       for e, b, t in zip(entries, based, tuned)]
@@ -90,7 +96,7 @@ busy = run.state in ACTIVE_STATES
 if st.button(f"Generate all {len(test)} answers", key="cmp_all", disabled=busy or not test,
              help="Waits for the run to finish." if busy else None):
     bar = st.progress(0.0, text="Answering the test split…")
-    answer(common.finetuned_model(str(run.path), weights_path, mtime), test, out_path=run.responses_path,
+    answer(common.finetuned_model(str(run.path), weights_path, mtime, bf16), test, out_path=run.responses_path,
            progress=lambda done, total: bar.progress(done / total, text=f"{done} of {total} answered"))
 if run.responses_path.is_file():
     results = read_json(run.responses_path)

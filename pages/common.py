@@ -184,28 +184,35 @@ def ollama_status(url: str) -> dict:
             "error": status.error}
 
 
-@st.cache_resource(max_entries=2, show_spinner="Loading the base model…")
-def base_model(name: str, source: str = "openai"):
-    """The pretrained GPT-2 `name` (or the tiny random model), in eval mode, shared across sessions."""
+@st.cache_resource(max_entries=4, show_spinner="Loading the base model…")
+def base_model(name: str, source: str = "openai", bf16: bool = False):
+    """The pretrained GPT-2 `name` (or the tiny random model), in eval mode, shared across sessions;
+    with `bf16`, a bf16 copy (faster answers where the hardware does bf16 well)."""
     from sft.weights import load_pretrained
 
-    return load_pretrained(name, models_dir(), source=source).eval()
+    return _in_bf16(load_pretrained(name, models_dir(), source=source), bf16).eval()
 
 
-@st.cache_resource(max_entries=2, show_spinner="Loading the fine-tuned model…")
-def finetuned_model(run_path: str, weights_path: str, mtime: float):
+def _in_bf16(model, bf16):
+    import torch
+
+    return model.to(torch.bfloat16) if bf16 else model
+
+
+@st.cache_resource(max_entries=4, show_spinner="Loading the fine-tuned model…")
+def finetuned_model(run_path: str, weights_path: str, mtime: float, bf16: bool = False):
     """A run's fine-tuned model: its saved weights, or (a stopped run) the model in its last checkpoint.
-    `mtime` keys the cache so a newer file is reloaded."""
+    `mtime` keys the cache so a newer file is reloaded; `bf16` as in `base_model`."""
     if weights_path.endswith(".pt"):  # checkpoints/last.pt of a run stopped before the end
         from sft.model import GPTModel, model_config
         from sft.runs import Run, load_checkpoint
 
         model = GPTModel(model_config(Run(run_path).config.model))
         model.load_state_dict(load_checkpoint(weights_path)["model"])
-        return model.eval()
+        return _in_bf16(model, bf16).eval()
     from sft.weights import load_finetuned
 
-    return load_finetuned(weights_path).eval()
+    return _in_bf16(load_finetuned(weights_path), bf16).eval()
 
 
 def run_weights(run):

@@ -351,6 +351,29 @@ def test_compare_page_answers_side_by_side_and_the_whole_split(trained_run):
     assert at.download_button(key="cmp_dl").label == "Download instruction-data-with-response.json"
 
 
+@pytest.mark.slow
+def test_compare_page_precision_fp32_gives_the_chapters_greedy_answers(trained_run):
+    from sft.generation import generate_responses
+    from sft.hardware import cpu_has_fast_bf16
+    from sft.tokenizer import get_tokenizer
+    from sft.weights import load_finetuned
+
+    at = open_page("pages/4_compare.py")
+    assert at.selectbox(key="cmp_precision").value == ("bf16" if cpu_has_fast_bf16() else "fp32")
+    at.number_input(key="cmp_max_new").set_value(6)
+    test = json.loads(trained_run.test_data_path.read_text())[:3]
+    model = load_finetuned(trained_run.model_path).eval()
+    expected = [r["model_response"] for r in generate_responses(model, test, get_tokenizer(), max_new_tokens=6)]
+    for precision in ("fp32", "bf16"):
+        at.selectbox(key="cmp_precision").set_value(precision).run()
+        at.button(key="cmp_go").click().run()
+        assert not at.exception
+        tuned = [r["tuned"] for r in at.session_state["cmp_results"]]
+        assert len(tuned) == 3 and all(isinstance(t, str) for t in tuned)
+        if precision == "fp32":
+            assert tuned == expected
+
+
 def test_compare_page_without_runs_says_what_to_do():
     at = open_page("pages/4_compare.py")
     assert "fine-tune one on the Fine-tune page" in at.info[0].value
