@@ -210,7 +210,7 @@ def finetuned_model(run_path: str, weights_path: str, mtime: float, bf16: bool =
         model = GPTModel(model_config(Run(run_path).config.model))
         model.load_state_dict(load_checkpoint(weights_path)["model"])
         return _in_bf16(model, bf16).eval()
-    from sft.weights import load_finetuned
+    from sft.finetuned import load_finetuned
 
     return _in_bf16(load_finetuned(weights_path), bf16).eval()
 

@@ -430,7 +430,7 @@ def _model_for_generate(args):
         run = Run(args.run_dir)
         config = run.config
         if run.model_path.is_file():
-            from .weights import load_finetuned
+            from .finetuned import load_finetuned
 
             return load_finetuned(run.model_path), config.prompt_style, run
         if run.has_checkpoint:

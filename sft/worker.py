@@ -299,7 +299,7 @@ def _in_main_thread():
 
 
 def _save_final(run, trainer):
-    from .weights import save_finetuned
+    from .finetuned import save_finetuned
 
     config = trainer.config
     extra = {"model_name": canonical_model_name(config.model), "prompt_style": config.prompt_style,

@@ -356,7 +356,7 @@ def test_compare_page_precision_fp32_gives_the_chapters_greedy_answers(trained_r
     from sft.generation import generate_responses
     from sft.hardware import cpu_has_fast_bf16
     from sft.tokenizer import get_tokenizer
-    from sft.weights import load_finetuned
+    from sft.finetuned import load_finetuned
 
     at = open_page("pages/4_compare.py")
     assert at.selectbox(key="cmp_precision").value == ("bf16" if cpu_has_fast_bf16() else "fp32")
