@@ -127,12 +127,14 @@ def live(name):
     step, total = (p.get("step", -1) + 1), p.get("total_steps")
     st.progress(min(p.get("progress", 0.0), 1.0), text=f"**{state}**" + (f" ({status['phase']})" if status.get(
         "phase") else "") + (f": step {step} of {total}, epoch {p.get('epoch')} of {p.get('epochs')}" if total else ""))
-    c = st.columns(5)
+    c = st.columns(6)
     c[0].metric("Train loss", f"{p['train_loss']:.3f}" if p.get("train_loss") is not None else "–")
     c[1].metric("Val loss", f"{p['val_loss']:.3f}" if p.get("val_loss") is not None else "–")
     c[2].metric("Tokens seen", f"{p.get('tokens_seen', 0):,}")
-    c[3].metric("Elapsed", common.fmt_seconds(p.get("elapsed")))
-    c[4].metric("ETA", common.fmt_seconds(p.get("eta")) if state in ACTIVE_STATES else "–")
+    c[3].metric("Tokens/s", f"{p['tokens_per_s']:,.0f}" if p.get("tokens_per_s") else "–",
+                help="Input tokens (padding included, as the chapter counts them) per second of training.")
+    c[4].metric("Elapsed", common.fmt_seconds(p.get("elapsed")))
+    c[5].metric("ETA", common.fmt_seconds(p.get("eta")) if state in ACTIVE_STATES else "–")
     if state in ("queued", "running"):
         if st.button("Stop (keeps the checkpoint)", key="ft_stop"):
             run.request_stop()

@@ -212,7 +212,8 @@ class _Progress:
 
                 self.bar = tqdm(total=e["total_steps"], initial=e["step"], desc="Training", unit="step")
             self.bar.update(e["step"] + 1 - self.bar.n)
-            self.bar.set_postfix(loss=f"{e['loss']:.3f}" if e["loss"] is not None else "nan", epoch=e["epoch"])
+            self.bar.set_postfix(loss=f"{e['loss']:.3f}" if e["loss"] is not None else "nan", epoch=e["epoch"],
+                                 tok_s=f"{e['tokens_per_s']:.0f}" if e.get("tokens_per_s") else "-")
         elif kind == "eval":
             fmt = lambda x: "nan" if x is None else f"{x:.3f}"  # noqa: E731
             self._print(f"Ep {e['epoch']} (Step {e['step']:06d}): Train loss {fmt(e['train_loss'])}, "
@@ -225,7 +226,8 @@ class _Progress:
             self._print(f"Stopped at step {e['step']}; resume with --resume")
         elif kind == "done":
             self.close()
-            self._print(f"Training done: {e['step'] + 1} steps in {e['elapsed'] / 60:.2f} minutes")
+            speed = f", {e['tokens_per_s']:,.0f} tokens/s" if e.get("tokens_per_s") else ""
+            self._print(f"Training done: {e['step'] + 1} steps in {e['elapsed'] / 60:.2f} minutes{speed}")
         elif kind == "error":
             self.close()
             self._print(f"Error: {e['error']}" + "".join(f"\n  try: {a}" for a in e.get("advice", [])))

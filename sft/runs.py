@@ -283,7 +283,7 @@ class Run:
             self._status = read_json(self.status_path, {})
         progress = dict(self._status.get("progress") or {})
         for key in ("epoch", "epochs", "epochs_seen", "step", "total_steps", "tokens_seen", "progress",
-                    "elapsed", "eta", "loss", "train_loss", "val_loss"):
+                    "elapsed", "eta", "tokens_per_s", "loss", "train_loss", "val_loss"):
             if key in event:
                 progress[key] = event[key]
         if event["type"] == "responses":

@@ -241,7 +241,8 @@ class Trainer:
                  "epochs": self.config.epochs, "epochs_seen": self.epochs_seen(),
                  "step": self.global_step, "total_steps": self.total_steps, "tokens_seen": self.tokens_seen,
                  "progress": done / self.total_steps if self.total_steps else 0.0,
-                 "elapsed": elapsed, "eta": eta, **data}
+                 "elapsed": elapsed, "eta": eta,
+                 "tokens_per_s": round(self.tokens_seen / elapsed, 1) if elapsed > 0 else None, **data}
         for key in ("loss", "train_loss", "val_loss"):
             if key in event:
                 event[key] = _finite_or_none(event[key])

@@ -1,5 +1,6 @@
 """`python -m sft`: help for each command, data checks, and a tiny train -> generate round trip."""
 import json
+import re
 import subprocess
 import sys
 
@@ -87,6 +88,7 @@ def test_tiny_train_then_generate(capsys, tmp_path):
     assert code == 0, err
     assert "tiny (random) with RANDOM weights" in out
     assert "Ep 1 (Step 000000): Train loss" in out and "Ep 1 (Step 000002): Train loss" in out
+    assert re.search(r"Training done: 3 steps in \d+\.\d\d minutes, [\d,]+ tokens/s", out), out
     assert "Run state: completed" in out
     run = tmp_path / "cli"
     config = json.loads((run / "config.json").read_text())

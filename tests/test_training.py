@@ -197,6 +197,7 @@ def test_events_and_metrics_file(tmp_path, tokenizer):
     assert [e["epoch"] for e in steps] == [1] * 5 + [2] * 5
     assert all(e["lr"] == 1e-3 and e["loss"] > 0 for e in steps)
     assert steps[-1]["tokens_seen"] == 10 * 4 * 12 and steps[-1]["eta"] == 0.0
+    assert steps[-1]["tokens_per_s"] == pytest.approx(steps[-1]["tokens_seen"] / steps[-1]["elapsed"], rel=1e-2)
     evals = [e for e in events if e["type"] == "eval"]
     assert [e["step"] for e in evals] == [0, 2, 4, 6, 8]
     assert [e["train_loss"] for e in evals] == result["train_losses"]

@@ -297,6 +297,7 @@ def test_finetune_page_trains_the_tiny_model(app_dirs):
     assert not at.exception
     assert "Done. Weights:" in at.success[0].value
     assert metrics(at)["Train loss"] != "–"
+    assert float(metrics(at)["Tokens/s"].replace(",", "")) > 0
     assert at.get("plotly_chart")
     assert at.dataframe[-1].value["state"].tolist() == ["completed"]
 
