@@ -248,11 +248,17 @@ class _Progress:
         self.bar = self.answers = None
 
 
+def _existing_config(args):
+    """--run-dir's config.json where that run exists already, else None."""
+    path = Path(args.run_dir) / "config.json" if args.run_dir else None
+    return path if path is not None and path.is_file() else None
+
+
 def _open_run(args):
     """The run the train command works on: --run-dir's (if it has a config) or a new one."""
     from .runs import Run
 
-    if args.run_dir and (Path(args.run_dir) / "config.json").is_file():
+    if _existing_config(args):
         return Run(args.run_dir)
     if args.resume:
         raise ValueError("--resume needs --run-dir of an existing run")
@@ -280,20 +286,17 @@ def _describe(run, world_size=1):
 
 
 def cmd_train(args):
+    from .config import TrainingError
     from .distributed import launched_by_torchrun
     from .runs import RunError
-    from .config import TrainingError
     from .worker import execute_run
 
     if launched_by_torchrun():
         return _train_distributed(args)
-    try:
-        run = _open_run(args)
-    except ValueError as exc:
-        if "--resume" in str(exc):
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        raise
+    if args.resume and not _existing_config(args):
+        print("error: --resume needs --run-dir of an existing run", file=sys.stderr)
+        return 2
+    run = _open_run(args)
     _describe(run)
     if args.detach:
         proc = run.launch(resume=args.resume, responses=not args.no_responses)
@@ -333,17 +336,17 @@ def _train_distributed(args):
     """
     import torch.distributed as dist
 
+    from .config import TrainConfig
     from .distributed import init_from_env, shutdown
     from .runs import Run
-    from .config import TrainConfig
     from .worker import execute_run
 
     code = 1
     try:
         if args.detach:
             raise ValueError("--detach cannot be used under torchrun")
-        has_config = args.run_dir and (Path(args.run_dir) / "config.json").is_file()
-        config = TrainConfig.load(Path(args.run_dir) / "config.json") if has_config else _config_from_args(args)
+        existing = _existing_config(args)
+        config = TrainConfig.load(existing) if existing else _config_from_args(args)
         ctx = init_from_env(config.validate().device)
         box = [None]
         if ctx.is_main:
@@ -424,9 +427,9 @@ def _model_for_generate(args):
     """(model, prompt_style, run) for the generate command."""
     import torch
 
+    from .config import TrainConfig
     from .runs import Run, load_checkpoint
     from .worker import build_model
-    from .config import TrainConfig
 
     if args.run_dir:
         run = Run(args.run_dir)

@@ -104,15 +104,7 @@ class MultiHeadAttention(nn.Module):
         dtype, autocast = queries.dtype, nullcontext()
         cpu_bf16 = dtype == torch.bfloat16 and x.device.type == "cpu"
         if cpu_bf16 and attn_mask is None and kv is None and 1 < num_tokens <= CPU_MATH_ATTENTION_MAX_TOKENS:
-            # Not in the book: for short rows on CPU, the chapter's own formula (two bf16 matrix
-            # products, an fp32 softmax) beats PyTorch's fused kernels (fp32 here: ~2x faster for
-            # the chapter's ~60-token batches, forward and backward; the fused one wins on long rows).
-            with torch.autocast("cpu", enabled=False):
-                scores = (queries @ keys.transpose(2, 3)).float()  # (B, H, T, T)
-                causal = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=x.device).triu(1)
-                weights = torch.softmax(scores.masked_fill(causal, float("-inf")) / self.head_dim ** 0.5, dim=-1)
-                weights = F.dropout(weights, dropout_p, training=self.training)
-                context_vec = weights.to(dtype) @ values  # (B, H, T, hd)
+            context_vec = _causal_attention_formula(queries, keys, values, dropout_p)
         else:
             if cpu_bf16 and torch.is_grad_enabled():
                 # Not in the book: on CPU, PyTorch's bf16 attention backward is ~3x slower than its
@@ -138,6 +130,22 @@ class MultiHeadAttention(nn.Module):
         # dicts carry `...att.mask`. We need no buffer; drop the key so they load strictly.
         state_dict.pop(prefix + "mask", None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _causal_attention_formula(queries, keys, values, dropout_p):
+    """Not in the book as a function: the chapter's attention formula, for short bf16 rows on CPU.
+
+    Two bf16 matrix products and an fp32 softmax beat PyTorch's fused kernels there (run in fp32
+    while training: ~2x faster for the chapter's ~60-token batches, forward and backward; the
+    fused kernel wins on long rows). (B, H, T, hd) each -> (B, H, T, hd).
+    """
+    num_tokens, head_dim = queries.shape[-2:]
+    with torch.autocast("cpu", enabled=False):
+        scores = (queries @ keys.transpose(2, 3)).float()  # (B, H, T, T)
+        causal = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=queries.device).triu(1)
+        weights = torch.softmax(scores.masked_fill(causal, float("-inf")) / head_dim ** 0.5, dim=-1)
+        weights = F.dropout(weights, dropout_p, training=dropout_p > 0)
+        return weights.to(queries.dtype) @ values
 
 
 class TransformerBlock(nn.Module):
@@ -210,11 +218,7 @@ class GPTModel(nn.Module):
         batch_size, seq_len = in_idx.shape
         context_length = self.pos_emb.num_embeddings
         if kv_cache is None and pad_mask is None:  # the chapter's path
-            if seq_len > context_length:
-                raise ValueError(
-                    f"input has {seq_len} tokens but the model's context_length is {context_length}; "
-                    "crop it (e.g. idx[:, -context_length:])"
-                )
+            self._check_length(seq_len)
             pos, attn_mask = torch.arange(seq_len, device=in_idx.device), None
         elif kv_cache is None:  # a left-padded batch, no cache
             pos, attn_mask = _positions_and_mask(pad_mask, start=0)
@@ -225,11 +229,7 @@ class GPTModel(nn.Module):
         x = self.tok_emb(in_idx) + self.pos_emb(pos)  # (B, T, C)
         x = self.drop_emb(x)
         if attn_mask is None and kv_cache is None:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                for block in self.trf_blocks:
-                    x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = self.trf_blocks(x)
+            x = self._blocks(x)
         else:
             for i, block in enumerate(self.trf_blocks):
                 x = block(x, attn_mask=attn_mask, kv=None if kv_cache is None else kv_cache.layers[i])
@@ -237,18 +237,24 @@ class GPTModel(nn.Module):
 
     def _forward_packed(self, in_idx, lengths):
         seq_len = in_idx.shape[1]
-        if seq_len > self.pos_emb.num_embeddings:
-            raise ValueError(f"input has {seq_len} tokens but the model's context_length is "
-                             f"{self.pos_emb.num_embeddings}")
+        self._check_length(seq_len)
         packed = Packed(torch.arange(seq_len, device=in_idx.device) < lengths.to(in_idx.device)[:, None])
         pos = packed.positions()  # (N,) each kept position's index in its row
         x = self.drop_emb(self.tok_emb(packed.gather(in_idx)) + self.pos_emb(pos))  # (N, C)
+        return self.final_norm(self._blocks(x, packed))
+
+    def _check_length(self, seq_len):
+        context_length = self.pos_emb.num_embeddings
+        if seq_len > context_length:
+            raise ValueError(f"input has {seq_len} tokens but the model's context_length is {context_length}; "
+                             "crop it (e.g. idx[:, -context_length:])")
+
+    def _blocks(self, x, packed=None):
+        """The blocks with plain causal attention; each recomputed in backward if checkpointing."""
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.trf_blocks:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, None, None, packed, use_reentrant=False)
-            else:
-                x = block(x, packed=packed)
-        return self.final_norm(x)
+            x = checkpoint(block, x, None, None, packed, use_reentrant=False) if recompute else block(x, packed=packed)
+        return x
 
     # Not in the book.
     def new_kv_cache(self, batch_size, max_len):
