@@ -5,10 +5,10 @@ three-stage pipeline with what this machine has to run it.
 """
 import streamlit as st
 
-from pages import common
+from ui import loaders, state
 
 st.set_page_config(page_title="SFT Studio", page_icon=":material/school:", layout="wide")
-common.init_state()
+state.init_state()
 
 
 def home():
@@ -38,7 +38,7 @@ def home():
                 st.page_link(page, label=f"Open {label}", icon=":material/arrow_forward:")
 
     st.subheader("This machine")
-    dev = common.device_info()
+    dev = loaders.device_info()
     c1, c2, c3 = st.columns(3)
     with c1.container(border=True):
         st.markdown("**Device**")
@@ -46,14 +46,14 @@ def home():
             st.write(f"`{d['id']}`: {d['name']}")
     with c2.container(border=True):
         st.markdown("**GPT-2 weights downloaded**")
-        for name, source in common.weights_status().items():
+        for name, source in loaders.weights_status().items():
             mark = ":material/check_circle:" if source else ":material/radio_button_unchecked:"
             st.write(f"{mark} {name}" + (f" ({source})" if source else ": not downloaded"))
-        st.caption(f"Folder: `{common.models_dir()}`. Download on the Fine-tune page.")
+        st.caption(f"Folder: `{state.models_dir()}`. Download on the Fine-tune page.")
     with c3.container(border=True):
         st.markdown("**Judge server (Ollama)**")
-        url = common.ollama_url()
-        status = common.ollama_status(url)
+        url = state.ollama_url()
+        status = loaders.ollama_status(url)
         if status["ok"]:
             models = ", ".join(status["models"]) or "no models pulled yet"
             st.write(f":material/check_circle: answers at `{url}`: {models}")

@@ -3,15 +3,15 @@ import pandas  # noqa: F401  imported before Plotly's use: a first-render import
 import streamlit as st
 import torch
 
-from pages import common
+from ui import figures, loaders, state
 from sft.batching import custom_collate_draft_1, custom_collate_draft_2, custom_collate_fn
 
-common.init_state()
+state.init_state()
 ss = st.session_state
 st.title("Batches")
 st.caption("Stage 1, steps 2 and 3: pad each batch, shift the targets, mask what must not be learned.")
 
-parts = common.splits()
+parts = loaders.splits()
 c = st.columns([1, 1, 1, 1, 1, 1.3])
 split = c[0].selectbox("Split", ["train", "val", "test"], key="bat_split")
 batch_size = c[1].number_input("Batch size", 1, 64, 8, key="bat_size")
@@ -21,10 +21,10 @@ n_batches = len(data) // batch_size if split == "train" else -(-len(data) // bat
 if n_batches == 0:
     st.warning(f"The {split} split has {len(data)} entries: fewer than one batch of {batch_size}.")
     st.stop()
-common.start_widget("bat_number", 0, range(n_batches))
+state.start_widget("bat_number", 0, range(n_batches))
 number = c[3].number_input(f"Batch (0-{n_batches - 1})", 0, n_batches - 1, key="bat_number")
-common.start_widget("bat_maxlen", ss.allowed_max_length)
-common.start_widget("bat_mask", ss.mask_instruction)
+state.start_widget("bat_maxlen", ss.allowed_max_length)
+state.start_widget("bat_mask", ss.mask_instruction)
 max_len = c[4].number_input("allowed_max_length", 2, 4096, key="bat_maxlen")
 mask = c[5].toggle("Mask instruction", key="bat_mask",
                    help="Exercise 7.2: targets that predict prompt tokens become -100.")
@@ -33,7 +33,7 @@ st.caption(f"{split}: {len(data)} entries, {n_batches} batches; "
            f"{'shuffled with the seed, last partial batch dropped' if split == 'train' else 'in order'}; "
            f"prompt style `{ss.prompt_style}` (chosen on the Data page).")
 
-view = common.batch_view(ss.dataset_key, split, number, batch_size, seed, max_len, mask, ss.prompt_style, data)
+view = loaders.batch_view(ss.dataset_key, split, number, batch_size, seed, max_len, mask, ss.prompt_style, data)
 anatomy = view["anatomy"]
 labels = [f"#{i}" for i in view["indices"]]
 B, T = anatomy["rows"], anatomy["cols"]
@@ -43,12 +43,12 @@ m[0].metric("Shape (B, T)", f"({B}, {T})")
 m[1].metric("Targets that train", anatomy["tokens_in_loss"])
 m[2].metric("Targets set to -100", B * T - anatomy["tokens_in_loss"])
 m[3].metric("Padding positions", int(roles.get("padding", 0)))
-st.plotly_chart(common.batch_figure(anatomy, labels), key="bat_grid")
+st.plotly_chart(figures.batch_figure(anatomy, labels), key="bat_grid")
 with st.expander("The tensors (token ids)"):
     st.markdown("**inputs**")
-    st.dataframe(common.frame(view["inputs"]).set_axis(labels), key="bat_inputs")
+    st.dataframe(figures.frame(view["inputs"]).set_axis(labels), key="bat_inputs")
     st.markdown("**targets**: the inputs shifted one to the left; -100 is ignored by the loss")
-    st.dataframe(common.frame(view["targets"]).set_axis(labels), key="bat_targets")
+    st.dataframe(figures.frame(view["targets"]).set_axis(labels), key="bat_targets")
 
 # ---- the chapter's toy batch, live ----
 st.subheader("The chapter's toy batch")
@@ -79,7 +79,7 @@ st.caption("Edit the logits and targets; rows whose target equals ignore_index a
 ss.setdefault("bat_ce_rows", [{"logit 0": -1.0, "logit 1": 1.0, "target": 0},
                               {"logit 0": -0.5, "logit 1": 1.5, "target": 1},
                               {"logit 0": -0.5, "logit 1": 1.5, "target": -100}])
-table = st.data_editor(common.frame(ss.bat_ce_rows), num_rows="dynamic", key="bat_ce_table",
+table = st.data_editor(figures.frame(ss.bat_ce_rows), num_rows="dynamic", key="bat_ce_table",
                        column_config={"target": st.column_config.NumberColumn(step=1, format="%d")})
 table = table.dropna()
 ce_ignore = st.number_input("ignore_index for the loss", -1000, 1000, -100, key="bat_ce_ignore")
@@ -98,7 +98,7 @@ else:
 
 # ---- pre-training checks ----
 st.subheader("Before training: checks on every example")
-report = common.pretraining_checks(ss.dataset_key, split, max_len, mask, ss.prompt_style, data)
+report = loaders.pretraining_checks(ss.dataset_key, split, max_len, mask, ss.prompt_style, data)
 if report["ok"]:
     st.success(f"All {report['n_examples']} {split} examples look right: each keeps exactly one end-of-text "
                f"target to learn, none is wholly masked, none is cut by allowed_max_length {max_len}. "
@@ -116,6 +116,6 @@ else:
         st.markdown(f"- **{len(report['wholly_masked'])} examples have every target masked** and teach nothing "
                     f"(examples {first(report['wholly_masked'])}).")
     if report["truncated"]:
-        st.dataframe(common.frame(report["truncated"]), hide_index=True, key="bat_truncated")
+        st.dataframe(figures.frame(report["truncated"]), hide_index=True, key="bat_truncated")
     with st.expander("Every problem, one line each"):
         st.text("\n".join(report["problems"]))

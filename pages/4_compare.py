@@ -5,41 +5,43 @@ import pandas  # noqa: F401  imported before Plotly's use: a first-render import
 import streamlit as st
 import torch
 
-from pages import common
-from sft.generation import generate_responses
-from sft.runs import ACTIVE_STATES, canonical_model_name, read_json
+from sft.model import canonical_model_name
+from sft.studio.answers import answer_entries
+from sft.studio.files import read_json
+from sft.studio.runs import ACTIVE_STATES
 from sft.weights import weights_available
+from ui import figures, loaders, state
 
-common.init_state()
+state.init_state()
 ss = st.session_state
 st.title("Compare")
 st.caption("Stage 3, steps 7 and 8: let the models answer, extract the responses, read them beside the reference.")
 
-runs = [r for r in common.list_runs() if common.run_weights(r)]
+runs = [r for r in loaders.list_runs() if not r.is_broken and loaders.run_weights(r)]
 if not runs:
     st.info("No run has weights to answer with yet: fine-tune one on the Fine-tune page.")
     st.stop()
 names = [r.name for r in runs]
 c1, c2 = st.columns(2)
-common.start_widget("cmp_run", ss.run_name if ss.run_name in names else names[0], names)
+state.start_widget("cmp_run", ss.run_name if ss.run_name in names else names[0], names)
 name = c1.selectbox("Fine-tuned run", names, key="cmp_run", on_change=lambda: ss.pop("cmp_base", None))
 ss.run_name = name
 run = runs[names.index(name)]
-cfg, (weights_path, mtime) = run.config, common.run_weights(run)
+cfg, (weights_path, mtime) = run.config, loaders.run_weights(run)
 c1.caption(f"{canonical_model_name(cfg.model)}, {run.state}; answering with `{weights_path}`; "
            f"prompt style `{cfg.prompt_style}`.")
-base_names = common.GPT2_NAMES + [common.TINY]
+base_names = state.GPT2_NAMES + [state.TINY]
 trained_from = canonical_model_name(cfg.model)
-common.start_widget("cmp_base", trained_from if trained_from in base_names else base_names[0], base_names)
+state.start_widget("cmp_base", trained_from if trained_from in base_names else base_names[0], base_names)
 base = c2.selectbox("Base model", base_names, key="cmp_base", help="Defaults to the model the run started from.")
-base_source = "random" if base == common.TINY else weights_available(base, str(common.models_dir()))
+base_source = "random" if base == state.TINY else weights_available(base, str(state.models_dir()))
 if base_source is None:
     c2.warning(f"{base} is not downloaded: its answers are skipped (download it on the Fine-tune page).")
-elif base == common.TINY:
+elif base == state.TINY:
     c2.caption("Random weights (seed 123), the tiny run's starting point when trained with seed 123.")
 
 # ---- what to ask, and how to decode ----
-test = read_json(run.test_data_path) or common.splits()["test"]
+test = read_json(run.test_data_path) or loaders.splits()["test"]
 mode = st.radio("Ask", ["Test entries", "My own instruction"], horizontal=True, key="cmp_mode")
 if mode == "Test entries":
     picked = st.multiselect("Test entries", range(len(test)), default=list(range(min(3, len(test)))),
@@ -54,8 +56,8 @@ max_new = c[0].number_input("Max new tokens", 1, 1024, 256, key="cmp_max_new")
 temperature = c[1].number_input("Temperature (0 = greedy)", 0.0, 5.0, 0.0, step=0.1, key="cmp_temp")
 top_k = c[2].number_input("Top-k (0 = off)", 0, 50257, 0, key="cmp_top_k")
 seed = c[3].number_input("Seed", 0, 2**31 - 1, 123, key="cmp_seed")
-fast_bf16 = bool(common.device_info()["summary"].get("cpu_bf16"))
-common.start_widget("cmp_precision", "bf16" if fast_bf16 else "fp32", ["fp32", "bf16"])
+fast_bf16 = bool(loaders.device_info()["summary"].get("cpu_bf16"))
+state.start_widget("cmp_precision", "bf16" if fast_bf16 else "fp32", ["fp32", "bf16"])
 bf16 = c[4].selectbox("Precision", ["fp32", "bf16"], key="cmp_precision",
                       help="fp32: token for token the chapter's greedy answers. bf16: a bf16 copy of the "
                            "models, faster where the CPU does bf16 well (here: " +
@@ -66,13 +68,13 @@ decoding = dict(prompt_style=cfg.prompt_style, max_new_tokens=max_new, temperatu
 
 def answer(model, todo, **kw):
     torch.manual_seed(seed)  # as the chapter does before sampling; greedy decoding ignores it
-    return [r["model_response"] for r in generate_responses(model, todo, common.tokenizer(), **decoding, **kw)]
+    return [r["model_response"] for r in answer_entries(model, todo, loaders.tokenizer(), **decoding, **kw)]
 
 
 if st.button("Generate answers", type="primary", key="cmp_go", disabled=not entries):
     with st.spinner("Generating…"):
-        tuned = answer(common.finetuned_model(str(run.path), weights_path, mtime, bf16), entries)
-        based = (answer(common.base_model(base, base_source, bf16), entries)
+        tuned = answer(loaders.finetuned_model(str(run.path), weights_path, mtime, bf16), entries)
+        based = (answer(loaders.base_model(base, base_source, bf16), entries)
                  if base_source else [None] * len(entries))
     ss.cmp_results = [{**e, "base": b, "tuned": t, "base_name": base, "run": name}
                       for e, b, t in zip(entries, based, tuned)]
@@ -96,12 +98,12 @@ busy = run.state in ACTIVE_STATES
 if st.button(f"Generate all {len(test)} answers", key="cmp_all", disabled=busy or not test,
              help="Waits for the run to finish." if busy else None):
     bar = st.progress(0.0, text="Answering the test split…")
-    answer(common.finetuned_model(str(run.path), weights_path, mtime, bf16), test, out_path=run.responses_path,
+    answer(loaders.finetuned_model(str(run.path), weights_path, mtime, bf16), test, out_path=run.responses_path,
            progress=lambda done, total: bar.progress(done / total, text=f"{done} of {total} answered"))
 if run.responses_path.is_file():
     results = read_json(run.responses_path)
     st.success(f"{len(results)} answers in `{run.responses_path}`.", icon=":material/check_circle:")
     st.download_button("Download instruction-data-with-response.json", json.dumps(results, indent=4),
                        file_name="instruction-data-with-response.json", mime="application/json", key="cmp_dl")
-    st.dataframe(common.frame(results)[["instruction", "output", "model_response"]], key="cmp_table",
+    st.dataframe(figures.frame(results)[["instruction", "output", "model_response"]], key="cmp_table",
                  height=240)

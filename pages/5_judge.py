@@ -7,14 +7,14 @@ from pathlib import Path
 import pandas  # Plotly pages import pandas first (a first-render import race was seen without it)
 import streamlit as st
 
-from pages import common
 from sft import judge
-from sft.judge_stats import (compare_scores, judge_agreement, plot_score_histogram, plot_score_pairs,
+from sft.data import ASSETS
+from sft.judge.stats import (compare_scores, judge_agreement, plot_score_histogram, plot_score_pairs,
                              summarize_scores)
-from sft.runs import list_runs
+from sft.studio.runs import list_runs
+from ui import state
 
-common.init_state()
-ASSETS = Path(judge.__file__).parent / "assets"
+state.init_state()
 EXAMPLES = {"instruction-data-with-response.json (the chapter's 110 answers)": "instruction-data-with-response.json",
             "eval-example-data.json (two models' answers to 100 instructions)": "eval-example-data.json"}
 st.title("Judge")
@@ -40,7 +40,7 @@ def num(v, spec=".2f"):
 c = st.columns([1, 3, 1.2])
 backend = c[0].selectbox("Backend", ["ollama", "openai"], key="judge_backend",
                          help="openai: any OpenAI-compatible server (llama.cpp, vLLM, hosted); key from $OPENAI_API_KEY.")
-default_url = (os.environ.get("SFT_OLLAMA_URL") or common.OLLAMA_URL) if backend == "ollama" else judge.OPENAI_URL
+default_url = (os.environ.get("SFT_OLLAMA_URL") or state.OLLAMA_URL) if backend == "ollama" else judge.OPENAI_URL
 url = c[1].text_input("Server URL", default_url, key=f"judge_url_{backend}").strip()
 model = c[2].text_input("Judge model", "llama3", key="judge_model").strip() or "llama3"
 if st.button("Check again", key="judge_recheck", icon=":material/refresh:"):
@@ -59,7 +59,7 @@ client = judge.make_client(backend, model, url, timeout=(2.0, 120.0), retries=1)
 
 def pick_answers():
     """-> (entries, path whose scores file sits beside it, label), or None with the reason shown."""
-    runs = [r for r in list_runs(common.runs_dir()) if r.responses_path.is_file()]
+    runs = [r for r in list_runs(state.runs_dir()) if not r.is_broken and r.responses_path.is_file()]
     kind = st.radio("Answers", ["A run's responses", "Bundled example", "Upload JSON / JSONL"], horizontal=True,
                     index=0 if runs else 1, key="judge_source")
     path = raw = None
@@ -75,12 +75,12 @@ def pick_answers():
         raw, label = example.read_bytes(), example.stem
     else:
         up = st.file_uploader("Entries with instruction, input, output and answers", type=["json", "jsonl"],
-                              key="judge_upload", max_upload_size=common.UPLOAD_LIMIT_MB)
+                              key="judge_upload", max_upload_size=state.UPLOAD_LIMIT_MB)
         if up is None:
             return None
         raw, label = up.getvalue(), Path(up.name).stem
     if path is None:  # examples and uploads keep their scores under the runs folder, one file per content
-        path = common.runs_dir() / "scores" / f"{label}-{hashlib.sha1(raw).hexdigest()[:8]}.json"
+        path = state.runs_dir() / "scores" / f"{label}-{hashlib.sha1(raw).hexdigest()[:8]}.json"
     try:
         return load(raw, label), path, label
     except ValueError as exc:
@@ -139,7 +139,8 @@ def score_and_show(entries, path, label):
 
 def compare(entries, path, keys, key, items, records):
     """Item by item against another key of this file or another run's answers, same judge."""
-    runs = [r for r in list_runs(common.runs_dir()) if r.responses_path.is_file() and r.responses_path != path]
+    runs = [r for r in list_runs(state.runs_dir()) if not r.is_broken and r.responses_path.is_file()
+            and r.responses_path != path]
     others = [f"key: {k}" for k in keys if k != key] + [f"run: {r.name}" for r in runs]
     if not others:
         return st.info("Nothing to compare with: pick a file with two answer keys (eval-example-data.json) "

@@ -1,1 +1,1 @@
-"""SFT Studio's pages. Listed in app.py with st.navigation; `common` holds the shared app-side helpers."""
+"""SFT Studio's pages, listed in app.py with st.navigation. Their shared helpers are the `ui` package."""

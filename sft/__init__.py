@@ -2,45 +2,47 @@
 *Build a Large Language Model (From Scratch)*.
 
 Every name the chapter defines or imports is importable from here with the chapter's
-signature and behaviour, e.g. ``from sft import format_input, GPTModel, train_model_simple``.
-Richer paths (the Trainer, batched KV-cache generation, the judge client) sit beside them.
+signature and behaviour, e.g. ``from sft import format_input, GPTModel, train_model_simple``,
+and so are the exercises' names as the book's solutions spell them (``format_input_phi``,
+``InstructionDatasetWithMasking``, ...). A few entry points to the machinery beside the book
+follow them (the Trainer, its settings, run folders, batched answering, the judge's client);
+everything else is imported from its module (see docs/ARCHITECTURE.md).
 
-Names resolve lazily (PEP 562) so ``import sft`` stays cheap: torch is imported only
-when a name that needs it is first used.
+Names resolve lazily (PEP 562) so ``import sft`` stays cheap: torch is imported only when a
+name that needs it is first used.
 """
 from importlib import import_module
 
 __version__ = "0.1.0"
 
-# name -> module that defines it, grouped by pipeline stage.
+# name -> module that defines it, in pipeline order.
 _EXPORTS = {
-    # tokenizer.py
+    # 1. tokenizer (chapter 2/5): GPT-2's BPE, built offline from bundled files
     "get_tokenizer": "tokenizer",
     "text_to_token_ids": "tokenizer",
     "token_ids_to_text": "tokenizer",
-    # data.py
+    # 2. instruction data (7.2): download, load and check, split 85/10/5
     "download_and_load_file": "data",
     "load_instruction_data": "data",
-    "validate_entries": "data",
-    "DataValidationError": "data",
     "split_data": "data",
-    "length_stats": "data",
-    # prompts.py
+    "DataValidationError": "data",
+    # 3. prompts (7.2; exercise 7.1 for Phi-3)
     "format_input": "prompts",
+    "format_input_phi": "prompts",
     "PromptStyle": "prompts",
-    "Alpaca": "prompts",
-    "Phi3": "prompts",
-    "get_prompt_style": "prompts",
     "PROMPT_STYLES": "prompts",
-    # batching.py
+    "get_prompt_style": "prompts",
+    "register_prompt_style": "prompts",
+    # 4. batching (7.3-7.4; exercise 7.2 for instruction masking)
     "InstructionDataset": "batching",
+    "InstructionDatasetPhi": "batching",
+    "InstructionDatasetWithMasking": "batching",
     "custom_collate_draft_1": "batching",
     "custom_collate_draft_2": "batching",
     "custom_collate_fn": "batching",
+    "custom_collate_with_masking_fn": "batching",
     "create_data_loaders": "batching",
-    "batch_anatomy": "batching",
-    "pretraining_checks": "batching",
-    # model.py
+    # 5. the model (chapter 4) and its configs
     "GPTModel": "model",
     "MultiHeadAttention": "model",
     "LayerNorm": "model",
@@ -50,103 +52,40 @@ _EXPORTS = {
     "BASE_CONFIG": "model",
     "model_configs": "model",
     "model_config": "model",
-    # weights.py
+    "count_parameters": "model",
+    # 6. pretrained weights (chapter 5: gpt_download.py)
+    "download_file": "download",
     "download_and_load_gpt2": "weights",
     "load_gpt2_params_from_tf_ckpt": "weights",
+    "assign": "weights",
     "load_weights_into_gpt": "weights",
-    "download_hf_gpt2": "weights",
-    "load_hf_safetensors_into_gpt": "weights",
-    "save_finetuned": "finetuned",
-    "load_finetuned": "finetuned",
-    # training.py
+    "load_pretrained": "weights",
+    # 7. training (chapter 5, used in 7.6)
     "calc_loss_batch": "training",
     "calc_loss_loader": "training",
     "evaluate_model": "training",
     "generate_and_print_sample": "training",
     "train_model_simple": "training",
     "plot_losses": "training",
-    "TrainConfig": "config",
-    "Trainer": "training",
-    # generation.py
-    "generate": "generation",
+    # 8. generation and responses (chapter 5, 7.7)
     "generate_text_simple": "generation",
+    "generate": "generation",
     "extract_response": "generation",
-    "generate_batch": "generation",
-    "generate_responses": "generation",
-    # judge.py
+    # 9. the judge (7.8)
     "query_model": "judge",
     "check_if_running": "judge",
     "generate_model_scores": "judge",
-    "parse_score": "judge",
-    "OllamaClient": "judge_client",
-    # runs.py
-    "Run": "runs",
-    # data.py (more)
-    "parse_records": "data",
-    "CHAPTER_URL": "data",
-    "ALPACA_52K_URL": "data",
-    # prompts.py (more)
-    "split_ids": "prompts",
-    "register_prompt_style": "prompts",
-    "prompt_token_count": "prompts",
-    # batching.py (more)
-    "get_batch": "batching",
-    "LengthGroupedBatchSampler": "batching",
-    # model.py (more)
-    "KVCache": "model",
-    "MODEL_NAMES": "model",
-    "count_parameters": "model",
-    "TINY_NAME": "model",
-    # weights.py (more)
-    "load_pretrained": "weights",
-    "download_weights": "weights",
-    "weights_available": "weights",
-    "finetuned_filename": "finetuned",
-    "finetuned_info": "finetuned",
-    "load_gpt2_params_from_safetensors": "weights",
-    "download_file": "download",
-    "assign": "weights",
-    "DownloadError": "download",
-    # training.py (more)
-    "ConfigError": "config",
-    "TrainingError": "config",
-    "oom_advice": "config",
-    # generation.py (more)
-    "generate_stream": "generation",
-    # judge.py (more)
+    # Entry points to the machinery beside the book (not in the book)
+    "TrainConfig": "studio.config",
+    "Trainer": "studio.trainer",
+    "Run": "studio.runs",
+    "list_runs": "studio.runs",
+    "launch_worker": "studio.worker",
+    "generate_batch": "fast.decode",
+    "generate_stream": "fast.decode",
+    "generate_responses": "fast.decode",
+    "OllamaClient": "judge",
     "score_responses": "judge",
-    "judge_prompt": "judge",
-    "load_entries": "judge",
-    "response_keys": "judge",
-    "scored_records": "judge",
-    "default_scores_path": "judge",
-    # judge_client.py (more)
-    "OpenAIClient": "judge_client",
-    "make_client": "judge_client",
-    "ollama_status": "judge_client",
-    "model_available": "judge_client",
-    "ServerStatus": "judge_client",
-    "JudgeError": "judge_client",
-    "ServerUnavailableError": "judge_client",
-    "ModelNotFoundError": "judge_client",
-    "JudgeTimeoutError": "judge_client",
-    "MalformedResponseError": "judge_client",
-    "JudgeHTTPError": "judge_client",
-    # judge_stats.py (more)
-    "ScoreStore": "judge_stats",
-    "summarize_scores": "judge_stats",
-    "compare_scores": "judge_stats",
-    "judge_agreement": "judge_stats",
-    "bootstrap_mean_interval": "judge_stats",
-    # runs.py (more)
-    "list_runs": "runs",
-    "RunError": "runs",
-    "DeviceBusyError": "runs",
-    # hardware.py (more)
-    "resolve_device": "hardware",
-    "resolve_precision": "hardware",
-    "bf16_is_fast": "hardware",
-    "device_summary": "hardware",
 }
 
 __all__ = sorted(_EXPORTS)

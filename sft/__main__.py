@@ -1,4 +1,4 @@
-"""``python -m sft ...``: see ``sft/cli.py`` or ``python -m sft --help``."""
+"""``python -m sft ...``: see ``sft/cli/`` or ``python -m sft --help``."""
 import sys
 
 from .cli import main

@@ -49,6 +49,21 @@ class InstructionDataset(Dataset):
         return len(self.data)
 
 
+class InstructionDatasetPhi(InstructionDataset):
+    """Exercise 7.1 (the book's solution's name): examples in the Phi-3 prompt style."""
+
+    def __init__(self, data, tokenizer):
+        super().__init__(data, tokenizer, prompt_style="phi3")
+
+
+class InstructionDatasetWithMasking(InstructionDataset):
+    """Exercise 7.2 (the book's solution's name): items are ``(instruction_length, ids)`` pairs,
+    so ``custom_collate_with_masking_fn`` can mask the prompt's targets."""
+
+    def __init__(self, data, tokenizer):
+        super().__init__(data, tokenizer, mask_instruction=True)
+
+
 def custom_collate_draft_1(batch, pad_token_id=50256, device="cpu"):
     """Chapter draft 1: append one end-of-text, pad to the longest, return inputs (B, T)."""
     batch_max_length = max(len(item) + 1 for item in batch)  # +1 for the end-of-text
@@ -70,7 +85,8 @@ def custom_collate_draft_2(batch, pad_token_id=50256, device="cpu"):
     return torch.stack(inputs_lst).to(device), torch.stack(targets_lst).to(device)
 
 
-def custom_collate_fn(batch, pad_token_id=50256, ignore_index=-100, allowed_max_length=None, device="cpu"):
+def custom_collate_fn(batch, pad_token_id=50256, ignore_index=IGNORE_INDEX, allowed_max_length=None,
+                      device="cpu"):
     """Chapter 7: pad, shift, keep the first end-of-text target, set later pads to ``ignore_index``.
 
     Returns inputs and targets, LongTensors (B, T), cut to ``allowed_max_length`` if given.
@@ -98,6 +114,17 @@ def custom_collate_fn(batch, pad_token_id=50256, ignore_index=-100, allowed_max_
         inputs_lst.append(inputs)
         targets_lst.append(targets)
     return torch.stack(inputs_lst).to(device), torch.stack(targets_lst).to(device)
+
+
+def custom_collate_with_masking_fn(batch, pad_token_id=50256, ignore_index=IGNORE_INDEX, allowed_max_length=None,
+                                   device="cpu"):
+    """Exercise 7.2 (the book's solution's name): ``custom_collate_fn`` on ``(instruction_length,
+    ids)`` pairs, whose first ``instruction_length - 1`` targets (the prompt's) become ``ignore_index``."""
+    if not all(isinstance(item, tuple) for item in batch):
+        raise ValueError("custom_collate_with_masking_fn takes (instruction_length, ids) pairs: "
+                         "use InstructionDatasetWithMasking")
+    return custom_collate_fn(batch, pad_token_id=pad_token_id, ignore_index=ignore_index,
+                             allowed_max_length=allowed_max_length, device=device)
 
 
 class LengthGroupedBatchSampler(Sampler):
@@ -226,7 +253,7 @@ def _content_roles(entry, style, tokenizer):
 
 
 def batch_anatomy(inputs, targets, tokenizer, *, entries=None, prompt_lengths=None, prompt_style="alpaca",
-                  pad_token_id=50256, ignore_index=-100):
+                  pad_token_id=50256, ignore_index=IGNORE_INDEX):
     """Every cell of a batch, for drawing: id, text, role, target and whether it counts in the loss.
 
     Roles: "instruction", "input", "response" (needs ``entries``, the batch's entries in
@@ -265,7 +292,7 @@ def batch_anatomy(inputs, targets, tokenizer, *, entries=None, prompt_lengths=No
 
 
 def pretraining_checks(dataset_or_data, tokenizer, *, allowed_max_length=1024, mask_instruction=False,
-                       prompt_style="alpaca", pad_token_id=50256, ignore_index=-100, chunk_size=256):
+                       prompt_style="alpaca", pad_token_id=50256, ignore_index=IGNORE_INDEX, chunk_size=256):
     """Checks before training, run through ``custom_collate_fn`` itself.
 
     Each example must keep exactly one trained end-of-text target and at least one

@@ -9,8 +9,9 @@ never half a file loaded silently.
 import json
 import os
 import statistics
-import tempfile
 from pathlib import Path
+
+from .download import download_file
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLED_DATA = ASSETS / "instruction-data.json"
@@ -38,20 +39,6 @@ class DataValidationError(ValueError):
         super().__init__(f"{self.source}: {n} problem{'s' if n != 1 else ''} found; nothing loaded:\n{shown}{tail}")
 
 
-def _write_atomic(path, text):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _fetch_text(url, timeout=60):
     import requests
 
@@ -63,8 +50,9 @@ def _fetch_text(url, timeout=60):
 def download_and_load_file(file_path, url):
     """Chapter 7: download ``url`` to ``file_path`` once, then read it as JSON."""
     if not os.path.exists(file_path):
-        text_data = _fetch_text(url).decode("utf-8")
-        _write_atomic(file_path, text_data)  # atomic, so a failed download leaves no half file
+        # Not in the book: streamed through a ".part" file renamed when complete (no half file),
+        # with a progress bar, resumed if cut short.
+        download_file(url, file_path, show_bar=False)
     with open(file_path, "r", encoding="utf-8") as file:
         data = json.load(file)
     return data
@@ -101,23 +89,42 @@ def _decode(raw, name):
         ) from None
 
 
+def _loads(text):
+    """json.loads, with JSON nested too deeply for Python's parser reported as bad JSON."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply (more levels than any entry needs)", text, 0) from None
+
+
 def parse_records(text, name="data"):
-    """Parse a JSON array or JSONL text into a list of raw records; raise on bad syntax."""
+    """Parse a JSON array or JSONL text into a list of raw records; raise on bad syntax.
+
+    A file named ``.jsonl``/``.ndjson`` is read line by line; a ``.json`` file must hold one
+    array; a source without a name (bytes) may be either.
+    """
     stripped = text.strip()
     if not stripped:
         raise DataValidationError(["the file is empty"], name)
-    if not str(name).lower().endswith((".jsonl", ".ndjson")):
+    lower = str(name).lower()
+    if not lower.endswith((".jsonl", ".ndjson")):
         try:
-            data = json.loads(text)
+            data = _loads(text)
         except json.JSONDecodeError as e:
-            if not stripped.startswith("{"):
-                raise DataValidationError([f"bad JSON at line {e.lineno}, column {e.colno}: {e.msg}"], name) from None
+            if not stripped.startswith("{") or lower.endswith(".json"):
+                hint = " (for one object per line, name the file .jsonl)" if stripped.startswith("{") else ""
+                raise DataValidationError([f"bad JSON at line {e.lineno}, column {e.colno}: {e.msg}{hint}"],
+                                          name) from None
             data = None  # starts like JSONL: parse it line by line below, naming the bad lines
         if isinstance(data, list):
             return data
         if isinstance(data, dict) and len(stripped.splitlines()) > 1:
             raise DataValidationError(["top level is a JSON object; expected a list of entries "
                                        "(a JSON array, or JSONL with one object per line)"], name)
+        if isinstance(data, dict) and lower.endswith(".json"):
+            raise DataValidationError(["top level is one JSON object, but a .json file must hold a list of "
+                                       "entries ([{...}, {...}]); for one object per line, name the file .jsonl"],
+                                      name)
         if data is not None and not isinstance(data, dict):
             raise DataValidationError([f"top level is {type(data).__name__}; expected a list of entries"], name)
     records, problems = [], []
@@ -125,7 +132,7 @@ def parse_records(text, name="data"):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            records.append(_loads(line))
         except json.JSONDecodeError as e:
             problems.append(f"line {lineno}, column {e.colno}: bad JSON: {e.msg}")
     if problems:
@@ -194,6 +201,8 @@ def load_instruction_data(source=None, *, duplicates=None):
     if duplicates is None:
         duplicates = "keep" if source is None else "error"
     records = parse_records(_decode(raw, name), name)
+    if not records:
+        raise DataValidationError(["the file holds no entries (an empty list): nothing to train on"], name)
     return validate_entries(records, duplicates=duplicates, source=name)
 
 

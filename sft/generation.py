@@ -1,18 +1,11 @@
-"""Text generation: the chapter's ``generate`` and, beside it, a batched KV-cache fast path.
+"""Text generation (chapters 4, 5 and 7): ``generate_text_simple``, ``generate``, ``extract_response``.
 
-Chapter 5/7's ``generate`` runs the whole context through the model for every new token, one
-prompt at a time. ``generate_batch`` feeds each prompt once (left-padded into a batch), then one
-token per step through a ``KVCache``; rows leave the batch at their end-of-text. Greedy output
-is token for token the chapter's. Everything here works on token ids, except
-``generate_responses``, which formats entries with a prompt style and decodes the answers.
+The chapter's ``generate`` runs the whole context through the model for every new token, one
+prompt at a time. Not in the book: the fast path beside it (``sft.fast.decode``) feeds each
+prompt once, then one token per step through a KV cache, many prompts at once; its greedy
+output is token for token this one's.
 """
-import json
-import os
-import tempfile
-
 import torch
-
-from .tokenizer import ENDOFTEXT, EOT_ID
 
 
 def generate_text_simple(model, idx, max_new_tokens, context_size):
@@ -39,15 +32,15 @@ def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=No
         with torch.no_grad():
             logits = model(idx_cond)
         logits = logits[:, -1, :]  # (B, vocab)
-        idx_next = _next_token(logits, temperature, top_k)  # (B, 1)
+        idx_next = next_token(logits, temperature, top_k)  # (B, 1)
         if eos_id is not None and bool((idx_next == eos_id).any()):
             break
         idx = torch.cat((idx, idx_next), dim=1)
     return idx
 
 
-def _next_token(logits, temperature=0.0, top_k=None):
-    """The chapter's rule on (B, vocab) logits -> (B, 1) ids."""
+def next_token(logits, temperature=0.0, top_k=None):
+    """The chapter's sampling rule inside ``generate``, on (B, vocab) logits -> (B, 1) ids."""
     if top_k is not None:
         # Keep the top_k largest logits; the rest get -inf, i.e. probability 0.
         top_logits, _ = torch.topk(logits, top_k)
@@ -63,197 +56,3 @@ def _next_token(logits, temperature=0.0, top_k=None):
 def extract_response(generated_text, input_text):
     """Chapter 7: the answer is what follows the prompt, minus the "### Response:" marker."""
     return generated_text[len(input_text):].replace("### Response:", "").strip()
-
-
-# ---------------------------------------------------------------------------------------------
-# Not in the book: batched generation with a KV cache.
-# ---------------------------------------------------------------------------------------------
-
-def _left_pad(seqs, device, pad_id=0):
-    """Lists of ids -> ids (B, T) padded on the left, and pad_mask (B, T) (None if no padding).
-
-    Left padding puts every row's last real token in the last column, so one (B, 1) step
-    serves all rows. The pad id is irrelevant: padded keys are masked out.
-    """
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = True
-    padded = any(len(s) < width for s in seqs)
-    return ids.to(device), (mask.to(device) if padded else None)
-
-
-def _model_device(model):
-    return next(model.parameters()).device
-
-
-def _check_prompts(prompts):
-    if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError("prompts must be a non-empty list of token-id lists")
-    seqs = []
-    for i, p in enumerate(prompts):
-        p = p.tolist() if hasattr(p, "tolist") else list(p)
-        if not p:
-            raise ValueError(f"prompt {i} is empty; it needs at least one token")
-        seqs.append([int(t) for t in p])
-    return seqs
-
-
-def _last_logits(model, ids, **kwargs):
-    """Logits (B, vocab) of the last position only.
-
-    The output head (vocab x emb_dim, a third of gpt2-small's weights) then runs on one
-    position per row, not on every prompt position as ``model(ids)[:, -1]`` would.
-    """
-    if hasattr(model, "forward_hidden") and hasattr(model, "out_head"):
-        return model.out_head(model.forward_hidden(ids, **kwargs)[:, -1, :])
-    return model(ids, **kwargs)[:, -1, :]
-
-
-@torch.inference_mode()
-def _decode_steps(model, prompts, max_new_tokens, eos_id, temperature, top_k, context_size, device):
-    """Yield, for each step, ``[(row, token), ...]`` for the rows that produced a token.
-
-    A row that produces ``eos_id`` leaves the batch (the eos is not yielded). While every row
-    fits in ``context_size`` the KV cache is used; after that the rows are re-run on their last
-    ``context_size`` tokens each step, which is what the chapter's crop does.
-    """
-    seqs = [p[-context_size:] for p in prompts]  # the chapter crops to the context first
-    rows = list(range(len(seqs)))  # original index of each row still running
-    ids, pad_mask = _left_pad(seqs, device)
-    cache = model.new_kv_cache(len(seqs), ids.shape[1] + max_new_tokens)
-    logits = _last_logits(model, ids, pad_mask=pad_mask, kv_cache=cache)  # (B, vocab)
-    use_cache = True
-    for step in range(max_new_tokens):
-        next_ids = _next_token(logits, temperature, top_k)  # (B, 1)
-        keep, out = [], []
-        for i, tok in enumerate(next_ids[:, 0].tolist()):
-            if eos_id is not None and tok == eos_id:
-                continue  # this row is finished
-            seqs[rows[i]].append(tok)
-            out.append((rows[i], tok))
-            keep.append(i)
-        if out:
-            yield out
-        if not keep or step == max_new_tokens - 1:
-            return
-        if len(keep) < len(rows):
-            rows = [rows[i] for i in keep]
-            next_ids = next_ids[keep]
-            if use_cache:
-                cache.keep(keep)
-        if use_cache and any(len(seqs[r]) > context_size for r in rows):
-            use_cache = False  # positions would pass the context: fall back to the sliding window
-        if use_cache:
-            logits = _last_logits(model, next_ids, kv_cache=cache)
-        else:
-            ids, pad_mask = _left_pad([seqs[r][-context_size:] for r in rows], device)
-            logits = _last_logits(model, ids, pad_mask=pad_mask)
-
-
-def _prepare(model, context_size, device):
-    context_size = context_size or model.pos_emb.num_embeddings
-    device = device if device is not None else _model_device(model)
-    return context_size, device
-
-
-def generate_batch(model, prompts, *, max_new_tokens, eos_id=EOT_ID, temperature=0.0, top_k=None,
-                   context_size=None, device=None):
-    """New token ids for each prompt (a list of id lists), generated together with a KV cache.
-
-    Greedy (the default) gives, for every prompt, the tokens the chapter's ``generate`` gives
-    for it alone. Each list stops before its ``eos_id``. Sampling follows the chapter's rule;
-    it is reproducible under ``torch.manual_seed`` but draws from one batched random stream.
-    The model runs in eval mode (restored afterwards).
-    """
-    seqs = _check_prompts(prompts)
-    context_size, device = _prepare(model, context_size, device)
-    new_ids = [[] for _ in seqs]
-    was_training = model.training
-    model.eval()
-    try:
-        for step in _decode_steps(model, seqs, max_new_tokens, eos_id, temperature, top_k, context_size, device):
-            for row, tok in step:
-                new_ids[row].append(tok)
-    finally:
-        model.train(was_training)
-    return new_ids
-
-
-def generate_stream(model, ids, *, max_new_tokens, eos_id=EOT_ID, temperature=0.0, top_k=None,
-                    context_size=None, device=None):
-    """Yield the new token ids for one prompt (a list of ids) one at a time, as they come."""
-    seqs = _check_prompts([ids])
-    context_size, device = _prepare(model, context_size, device)
-    was_training = model.training
-    model.eval()
-    try:
-        for step in _decode_steps(model, seqs, max_new_tokens, eos_id, temperature, top_k, context_size, device):
-            yield step[0][1]
-    finally:
-        model.train(was_training)
-
-
-def _write_json_atomic(data, path):
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=4)  # the chapter's layout
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def generate_responses(model, entries, tokenizer, *, prompt_style="alpaca", max_new_tokens=256,
-                       batch_size=8, device=None, progress=None, out_path=None,
-                       temperature=0.0, top_k=None, eos_id=EOT_ID):
-    """Answer each entry; return copies of the entries with ``"model_response"`` added.
-
-    The chapter's section 7.7 loop (``generate`` one entry at a time, ``extract_response``),
-    done in batches: prompts are sorted by length so a batch holds similar lengths (little
-    padding), and the results come back in the entries' order. ``progress(done, total)`` is
-    called after each batch; ``out_path`` gets the list as JSON (the chapter's
-    ``instruction-data-with-response.json`` shape), written atomically.
-    """
-    from .prompts import get_prompt_style  # import here: prompts is a sibling module, keep import light
-
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    style = get_prompt_style(prompt_style)
-    entries = list(entries)
-    prompt_texts, prompt_ids = [], []
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict):
-            raise ValueError(f"entry {i} is a {type(entry).__name__}, expected a dict")
-        try:
-            text = style.format_prompt(entry)
-        except KeyError as err:
-            raise ValueError(f"entry {i} has no {err.args[0]!r} field") from None
-        prompt_texts.append(text)
-        prompt_ids.append(tokenizer.encode(text, allowed_special={ENDOFTEXT}))
-
-    order = sorted(range(len(entries)), key=lambda i: len(prompt_ids[i]))  # stable: ties keep order
-    responses = [None] * len(entries)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        new_ids = generate_batch(
-            model, [prompt_ids[i] for i in chunk], max_new_tokens=max_new_tokens, eos_id=eos_id,
-            temperature=temperature, top_k=top_k, device=device,
-        )
-        for i, ids in zip(chunk, new_ids):
-            generated_text = tokenizer.decode(prompt_ids[i] + ids)
-            responses[i] = style.extract_response(generated_text, prompt_texts[i])
-        if progress is not None:
-            progress(min(start + batch_size, len(order)), len(order))
-
-    results = [{**entry, "model_response": resp} for entry, resp in zip(entries, responses)]
-    if out_path is not None:
-        _write_json_atomic(results, out_path)
-    return results

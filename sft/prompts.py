@@ -29,6 +29,13 @@ def format_input(entry):
     return instruction_text + input_text
 
 
+def format_input_phi(entry):
+    """Exercise 7.1: the Phi-3 prompt for ``entry`` (the book's solution's name)."""
+    instruction_text = f"<|user|>\n{entry['instruction']}"
+    input_text = f"\n{entry['input']}" if entry.get("input") else ""
+    return instruction_text + input_text
+
+
 class PromptStyle:
     """Base class. Subclasses set ``name``, ``response_prefix`` and ``prompt_segments``."""
 
@@ -134,6 +141,9 @@ class Phi3(PromptStyle):
         if entry.get("input"):
             segments.append(("input", f"\n{entry['input']}"))
         return segments
+
+    def format_prompt(self, entry):
+        return format_input_phi(entry)  # the exercise's function itself
 
 
 def get_prompt_style(name="alpaca"):

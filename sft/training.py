@@ -3,25 +3,15 @@
 ``calc_loss_batch``, ``calc_loss_loader``, ``evaluate_model``, ``generate_and_print_sample``,
 ``train_model_simple`` and ``plot_losses`` (drawn with Plotly here), with the book's signatures.
 
-Not in the book: the run settings ``TrainConfig`` live in ``sft.config``, the resumable
-``Trainer`` in ``sft.trainer`` (DDP helpers in ``sft.distributed``); they are re-exported here
-so ``from sft.training import TrainConfig, Trainer`` keeps working.
+Not in the book: the resumable ``Trainer`` that the app, the command line and the benchmark
+drive is ``sft.studio.trainer.Trainer``; with ``TrainConfig.chapter_path()`` it computes exactly
+what ``train_model_simple`` computes (a test proves it).
 """
 import os
 
 import torch
 
-from .trainer import (  # noqa: F401  (re-exported: their home before the split)
-    CHECKPOINT_FORMAT,
-    WEIGHT_SOURCES,
-    ConfigError,
-    TrainConfig,
-    Trainer,
-    TrainingError,
-    oom_advice,
-)
-
-IGNORE_INDEX = -100  # targets at this value do not count in the loss (padding, masked prompt)
+from .batching import IGNORE_INDEX
 
 
 # ============================================================================ Chapter 5

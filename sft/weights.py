@@ -1,4 +1,4 @@
-"""GPT-2 weights: downloads, the two checkpoint readers, the chapter's loader (fine-tuned files: sft.finetuned).
+"""GPT-2 weights: downloads, the two checkpoint readers, the chapter's loader (chapter 5's gpt_download.py).
 
 Two sources give the same ``params`` dict (the layout of OpenAI's checkpoint, arrays squeezed):
 - OpenAI's TensorFlow checkpoint, as the book downloads it (``download_and_load_gpt2``; needs TensorFlow),
@@ -19,14 +19,7 @@ import numpy as np
 import torch
 
 from . import download
-from .download import DownloadError, download_file  # noqa: F401  (re-exported: chapter 5's helper)
-from .finetuned import (  # noqa: F401  (re-exported: their home before the split)
-    config_from_model,
-    finetuned_filename,
-    finetuned_info,
-    load_finetuned,
-    save_finetuned,
-)
+from .model import GPTModel, is_tiny, model_config
 
 OPENAI_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 OPENAI_BACKUP_URL = "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2"  # the book's mirror
@@ -245,12 +238,6 @@ def load_weights_into_gpt(gpt, params):
 
 # ----------------------------------------------------------------------------- pretrained GPTModel
 
-def _is_tiny(name):
-    from .model import TINY_NAME
-
-    return str(name).strip().lower() in ("tiny", TINY_NAME)
-
-
 def _model_size(name, cfg):
     size = _SIZE_BY_EMB_DIM.get(cfg["emb_dim"])
     if size is None:
@@ -265,10 +252,8 @@ def _hf_path(models_dir, size):
 def weights_available(name, models_dir="models", source=None):
     """Are ``name``'s weights on disk? With ``source`` ("openai"/"hf") a bool; without it, the
     first source present ("openai", then "hf") or None. The tiny model needs none ("random")."""
-    from .model import model_config
-
     cfg = model_config(name)
-    if _is_tiny(name):
+    if is_tiny(name):
         return "random" if source is None else True
     size = _model_size(name, cfg)
     present = {
@@ -286,9 +271,7 @@ def download_weights(name, models_dir="models", *, source="openai", progress=Non
                      base_url=None):
     """Not in the book: only fetch ``name``'s GPT-2 files (no TensorFlow needed to download) and
     return the folder or file they are in. ``progress(done_bytes, total_bytes, filename)``."""
-    from .model import model_config
-
-    if _is_tiny(name):
+    if is_tiny(name):
         raise ValueError(f"{name!r} has random weights: there is nothing to download")
     size = _model_size(name, model_config(name))
     if source == "openai":
@@ -307,10 +290,8 @@ def load_pretrained(name, models_dir="models", *, source="openai", progress=None
     Face's safetensors; either is downloaded into ``models_dir`` if missing. "tiny" is a small
     model with seeded RANDOM weights (no download), for demos and tests.
     """
-    from .model import GPTModel, model_config
-
     cfg = model_config(name)
-    if _is_tiny(name):
+    if is_tiny(name):
         with torch.random.fork_rng(devices=[]):  # seeded, without disturbing the caller's RNG
             torch.manual_seed(123)
             return GPTModel(cfg).eval()

@@ -1,6 +1,7 @@
 """Shared fixtures: the bundled tokenizer, the chapter's dataset and the book's tiny test model config."""
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,9 +9,25 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "sft" / "assets"
 TEST_DATA = Path(__file__).resolve().parent / "data"
+if str(Path(__file__).resolve().parent) not in sys.path:  # `from helpers import ...` from any test folder
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Tests use tiny models, where one thread beats two (no sync overhead, no oversubscription).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def machine_lock_dir(tmp_path_factory):
+    """Device locks belong to the machine (~/.cache/sft-studio/locks); tests, and the workers and app
+    servers they start, use a folder of their own so they never meet a real training's lock."""
+    path = tmp_path_factory.mktemp("locks")
+    before = os.environ.get("SFT_LOCK_DIR")
+    os.environ["SFT_LOCK_DIR"] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop("SFT_LOCK_DIR", None)
+    else:
+        os.environ["SFT_LOCK_DIR"] = before
 
 # The book's --test_mode model: one layer, 12-dimensional embeddings, runs in milliseconds.
 TINY_CFG = {
@@ -51,3 +68,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def serve(monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    from fake_servers import FileServer
+
+    servers = []
+
+    def start(files):
+        servers.append(FileServer(files))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()

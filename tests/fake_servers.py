@@ -1,4 +1,5 @@
-"""Fake judge servers on 127.0.0.1 for the judge tests: Ollama's HTTP API and OpenAI's.
+"""Fake servers on 127.0.0.1: Ollama's HTTP API and OpenAI's for the judge tests, and a file server
+(Range requests and a few misbehaviours) for downloads.
 
 Each server runs in a thread on a free port (port 0) and is a context manager::
 
@@ -15,6 +16,7 @@ line), ``drop_done`` (end the stream without its final line), ``gate`` (a thread
 chat request waits on, to prove requests run concurrently). ``requests`` logs every request.
 """
 import json
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -233,3 +235,51 @@ class FakeOpenAI(_FakeServer):
                           "model": model, "choices": [{"index": 0, "finish_reason": "stop",
                                                        "message": {"role": "assistant", "content": content}}],
                           "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+
+
+class FileServer:
+    """127.0.0.1 HTTP server for ``files`` (url path -> bytes), with Range and a few misbehaviours."""
+
+    def __init__(self, files):
+        self.files, self.requests = dict(files), []
+        self.ignore_range, self.short_body, self.extra_headers = False, set(), {}
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                outer.requests.append((self.path, self.headers.get("Range")))
+                body = outer.files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                start = 0
+                m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+                if m and not outer.ignore_range:
+                    start = int(m.group(1))
+                    if start >= len(body):
+                        self.send_error(416)
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                else:
+                    self.send_response(200)
+                # a short body promises more bytes than it sends, then hangs up
+                promised = len(body) - start + (1000 if self.path in outer.short_body else 0)
+                self.send_header("Content-Length", str(promised))
+                for k, v in outer.extra_headers.get(self.path, {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body[start:])
+                self.close_connection = True
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

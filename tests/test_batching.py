@@ -291,3 +291,23 @@ def test_pretraining_checks_name_truncated_and_wholly_masked(instruction_data, t
     # same cut without masking: prompt targets still train, but no end-of-text is learned
     report = pretraining_checks(entries, tokenizer, allowed_max_length=short)
     assert report["wholly_masked"] == [] and report["not_one_eot"] == [0, 1, 2]
+
+
+def test_the_exercises_names_as_the_solutions_spell_them(instruction_data, tokenizer):
+    from sft import (InstructionDatasetPhi, InstructionDatasetWithMasking, custom_collate_with_masking_fn,
+                     format_input_phi)
+
+    entry = instruction_data[50]
+    assert format_input_phi(entry) == ("<|user|>\nIdentify the correct spelling of the following word.\n"
+                                       "Ocassion")
+    phi = InstructionDatasetPhi(instruction_data[:3], tokenizer)
+    assert phi[0] == tokenizer.encode(format_input_phi(instruction_data[0]) + "\n<|assistant|>:\n"
+                                      + instruction_data[0]["output"])
+    masked = InstructionDatasetWithMasking(instruction_data[:3], tokenizer)
+    length, ids = masked[1]
+    assert ids == InstructionDataset(instruction_data[:3], tokenizer)[1]
+    assert ids[:length] == tokenizer.encode(format_input(instruction_data[1]))
+    inputs, targets = custom_collate_with_masking_fn([masked[i] for i in range(3)])
+    assert (targets[1, :length - 1] == -100).all() and targets[1, length - 1] == ids[length]
+    with pytest.raises(ValueError, match="InstructionDatasetWithMasking"):
+        custom_collate_with_masking_fn([ids])

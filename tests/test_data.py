@@ -33,22 +33,16 @@ def problems_of(source, **kwargs):
 
 # ---------------------------------------------------------------- the chapter's functions
 
-def test_download_and_load_file_downloads_once(tmp_path, monkeypatch, instruction_data):
-    calls = []
-    body = json.dumps(instruction_data).encode("utf-8")
-
-    def fake_fetch(url, timeout=60):
-        calls.append(url)
-        return body
-
-    monkeypatch.setattr(data_mod, "_fetch_text", fake_fetch)
+def test_download_and_load_file_downloads_once(tmp_path, serve, instruction_data):
+    server = serve({"/ch07/instruction-data.json": json.dumps(instruction_data).encode("utf-8")})
+    url = server.url + "/ch07/instruction-data.json"
     path = tmp_path / "instruction-data.json"
-    data = download_and_load_file(str(path), data_mod.CHAPTER_URL)
+    data = download_and_load_file(str(path), url)
     assert len(data) == 1100 and data == instruction_data
-    assert calls == [data_mod.CHAPTER_URL] and path.exists()
-    assert download_and_load_file(str(path), data_mod.CHAPTER_URL) == instruction_data
-    assert len(calls) == 1  # the second call reads the file
-    assert list(tmp_path.iterdir()) == [path]  # no temp files left behind
+    assert [p for p, _ in server.requests] == ["/ch07/instruction-data.json"] and path.exists()
+    assert download_and_load_file(str(path), url) == instruction_data
+    assert len(server.requests) == 1  # the second call reads the file
+    assert list(tmp_path.iterdir()) == [path]  # no temp or .part files left behind
 
 
 def test_split_sizes_and_order(instruction_data):
@@ -122,6 +116,32 @@ def test_top_level_not_a_list(tmp_path):
     assert problems_of(write(tmp_path, "num.json", "42"))[0] == ["top level is int; expected a list of entries"]
     with pytest.raises(DataValidationError, match="top level is str"):
         validate_entries("not a list")
+
+
+def test_an_empty_list_is_nothing_to_train_on(tmp_path):
+    for source in (write(tmp_path, "empty.json", "[]"), b"[ ]"):
+        assert problems_of(source)[0] == ["the file holds no entries (an empty list): nothing to train on"]
+    assert "empty.json" in problems_of(write(tmp_path, "empty.json", "[]"))[1]
+    assert problems_of(write(tmp_path, "blank.jsonl", "\n\n"))[0] == ["the file is empty"]
+
+
+def test_one_object_in_a_json_file_must_be_a_list(tmp_path):
+    path = write(tmp_path, "one.json", json.dumps(GOOD[0]))  # one object on one line
+    problems, message = problems_of(path)
+    assert problems == ["top level is one JSON object, but a .json file must hold a list of entries "
+                        "([{...}, {...}]); for one object per line, name the file .jsonl"]
+    assert str(path) in message
+    lines = write(tmp_path, "lines.json", "\n".join(json.dumps(e) for e in GOOD))  # JSONL named .json
+    assert "name the file .jsonl" in problems_of(lines)[0][0]
+    assert len(load_instruction_data(write(tmp_path, "one.jsonl", json.dumps(GOOD[0])))) == 1
+
+
+def test_json_nested_too_deeply_is_bad_json_not_a_crash(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    problems, _ = problems_of(write(tmp_path, "deep.json", deep))
+    assert problems[0].startswith("bad JSON at line 1, column 1: nested too deeply")
+    problems, _ = problems_of(write(tmp_path, "deep.jsonl", deep + "\n"))
+    assert problems[0].startswith("line 1, column 1: bad JSON: nested too deeply")
 
 
 def test_entry_not_an_object(tmp_path):

@@ -20,9 +20,7 @@ from sft.judge import (
     OpenAIClient,
     ServerUnavailableError,
     ScoreStore,
-    add_cli_arguments,
     check_if_running,
-    cli_main,
     default_scores_path,
     generate_model_scores,
     judge_prompt,
@@ -35,7 +33,8 @@ from sft.judge import (
     score_responses,
     scored_records,
 )
-from sft.judge_stats import compare_scores, judge_agreement, plot_score_histogram, plot_score_pairs, summarize_scores
+from sft.cli.judge import add_arguments, run as cli_main
+from sft.judge.stats import compare_scores, judge_agreement, plot_score_histogram, plot_score_pairs, summarize_scores
 
 ASSETS = Path(__file__).resolve().parent.parent / "sft" / "assets"  # not `from conftest`: tests/app has one too
 
@@ -448,7 +447,8 @@ def test_judge_agreement_on_the_bundled_scores():
 
 
 def run_cli(*argv):
-    parser = add_cli_arguments(argparse.ArgumentParser())
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
     return cli_main(parser.parse_args([str(a) for a in argv]))
 
 
@@ -492,13 +492,13 @@ def test_cli_openai_backend(entries, tmp_path, monkeypatch, capsys):
 def test_names_are_exported_from_sft():
     import sft
 
-    for name in ("query_model", "check_if_running", "generate_model_scores", "parse_score", "OllamaClient"):
+    for name in ("query_model", "check_if_running", "generate_model_scores", "OllamaClient", "score_responses"):
         assert getattr(sft, name) is getattr(__import__("sft.judge", fromlist=[name]), name)
 
 
 def test_client_names_live_in_judge_client_and_are_re_exported():
     import sft.judge as judge
-    import sft.judge_client as client
+    import sft.judge.client as client
 
     for name in ("JudgeError", "ServerUnavailableError", "ModelNotFoundError", "JudgeTimeoutError",
                  "MalformedResponseError", "JudgeHTTPError", "ServerStatus", "OllamaClient", "OpenAIClient",

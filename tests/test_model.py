@@ -1,10 +1,9 @@
-"""GPTModel: equal to Hugging Face's GPT-2, the chapter's parameter count, and our extras."""
+"""GPTModel: the chapter's formulas, equal to Hugging Face's GPT-2, the chapter's parameter count and names."""
 import math
 
 import pytest
 import torch
 
-import sft.model as model_module
 from sft.model import (
     BASE_CONFIG,
     GELU,
@@ -111,110 +110,6 @@ def test_layernorm_and_gelu_match_the_chapters_formulas():
     torch.testing.assert_close(ln(x), ref, atol=1e-5, rtol=1e-5)
     ref_gelu = 0.5 * x * (1 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
     torch.testing.assert_close(GELU()(x), ref_gelu, atol=1e-5, rtol=1e-5)
-
-
-def test_forward_hidden_then_out_head_equals_forward(tiny_cfg):
-    torch.manual_seed(2)
-    model = GPTModel(tiny_cfg).eval()
-    ids = torch.randint(0, tiny_cfg["vocab_size"], (2, 7))
-    with torch.no_grad():
-        logits = model(ids)
-        hidden = model.forward_hidden(ids)
-        assert hidden.shape == (2, 7, tiny_cfg["emb_dim"])
-        torch.testing.assert_close(model.out_head(hidden), logits)
-        torch.testing.assert_close(model(ids, return_hidden=True), hidden)
-
-
-def test_gradient_checkpointing_same_loss_and_grads(tiny_cfg):
-    cfg = {**tiny_cfg, "n_layers": 2, "drop_rate": 0.1}  # dropout too: checkpointing must replay its masks
-    torch.manual_seed(3)
-    model = GPTModel(cfg).train()
-    ids = torch.randint(0, cfg["vocab_size"], (2, 9))
-    targets = torch.randint(0, cfg["vocab_size"], (2, 9))
-
-    def loss_and_grads():
-        model.zero_grad()
-        torch.manual_seed(4)
-        loss = torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), targets.flatten())
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters()]
-
-    loss_plain, grads_plain = loss_and_grads()
-    model.gradient_checkpointing = True
-    loss_ckpt, grads_ckpt = loss_and_grads()
-    torch.testing.assert_close(loss_ckpt, loss_plain)
-    for g1, g2 in zip(grads_ckpt, grads_plain):
-        torch.testing.assert_close(g1, g2)
-
-
-@pytest.mark.parametrize("packed", [False, True])
-def test_cpu_bf16_short_rows_attention_formula_matches_fused_kernel(tiny_cfg, packed, monkeypatch):
-    """On CPU in bf16, rows up to CPU_MATH_ATTENTION_MAX_TOKENS take the chapter's plain formula
-    instead of PyTorch's fused kernel: same loss and gradients (to bf16 rounding), padded or packed."""
-    torch.manual_seed(11)
-    model = GPTModel(tiny_cfg).train()
-    ids = torch.randint(0, tiny_cfg["vocab_size"], (3, 9))
-    targets = torch.randint(0, tiny_cfg["vocab_size"], (3, 9))
-    lengths = torch.tensor([9, 4, 6]) if packed else None
-    keep = torch.arange(9)[None, :] < lengths[:, None] if packed else torch.ones(3, 9, dtype=torch.bool)
-
-    def loss_and_grads(max_tokens):
-        monkeypatch.setattr(model_module, "CPU_MATH_ATTENTION_MAX_TOKENS", max_tokens)
-        model.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            hidden = model(ids, return_hidden=True, lengths=lengths)
-            logits = model.out_head(hidden if packed else hidden[keep])
-            loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep])
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    loss_formula, grads_formula = loss_and_grads(128)
-    loss_fused, grads_fused = loss_and_grads(0)  # 0: every row takes the fused kernel
-    assert model_module.CPU_MATH_ATTENTION_MAX_TOKENS == 0
-    torch.testing.assert_close(loss_formula, loss_fused, rtol=1e-2, atol=1e-2)
-    for name, grad in grads_formula.items():
-        scale = grads_fused[name].abs().max().item() + 1e-6
-        assert (grad - grads_fused[name]).abs().max().item() / scale < 5e-2, name
-    assert loss_formula != loss_fused  # two different computations (bf16 products vs an fp32 kernel)
-
-
-def test_kv_cache_incremental_equals_full_forward(tiny_cfg):
-    torch.manual_seed(5)
-    model = GPTModel(tiny_cfg).eval()
-    ids = torch.randint(0, tiny_cfg["vocab_size"], (2, 11))
-    with torch.no_grad():
-        full = model(ids)
-        cache = model.new_kv_cache(2, 11)
-        parts = [model(ids[:, a:b], kv_cache=cache) for a, b in [(0, 5), (5, 8), (8, 9), (9, 10), (10, 11)]]
-    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
-
-
-def test_left_padded_batch_equals_each_row_alone(tiny_cfg):
-    torch.manual_seed(6)
-    model = GPTModel(tiny_cfg).eval()
-    a = torch.randint(0, tiny_cfg["vocab_size"], (1, 8))
-    b = torch.randint(0, tiny_cfg["vocab_size"], (1, 5))
-    ids = torch.cat([a, torch.cat([torch.zeros(1, 3, dtype=torch.long), b], dim=1)])  # b left-padded by 3
-    pad_mask = torch.ones(2, 8, dtype=torch.bool)
-    pad_mask[1, :3] = False
-    with torch.no_grad():
-        alone_a, alone_b = model(a), model(b)
-        batched = model(ids, pad_mask=pad_mask)  # no cache
-        cache = model.new_kv_cache(2, 10)
-        prefill = model(ids, pad_mask=pad_mask, kv_cache=cache)
-        step = model(torch.tensor([[7], [9]]), kv_cache=cache)
-        next_a = model(torch.cat([a, torch.tensor([[7]])], dim=1))[:, -1]
-        next_b = model(torch.cat([b, torch.tensor([[9]])], dim=1))[:, -1]
-    for out in (batched, prefill):
-        assert not torch.isnan(out).any()  # padding queries never see an empty row
-        torch.testing.assert_close(out[0], alone_a[0], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(out[1, 3:], alone_b[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(step[:, -1], torch.cat([next_a, next_b]), atol=1e-5, rtol=1e-5)
-    cache.keep([1])  # drop row 0, continue row 1 alone
-    with torch.no_grad():
-        after = model(torch.tensor([[4]]), kv_cache=cache)[:, -1]
-        ref = model(torch.cat([b, torch.tensor([[9, 4]])], dim=1))[:, -1]
-    torch.testing.assert_close(after, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_too_long_input_names_the_context_length(tiny_cfg):

@@ -6,21 +6,18 @@ import json
 import re
 import socket
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 import torch
 
 import sft.model
+from sft.download import DownloadError, download_file
 from sft.model import GPTModel
 from sft.weights import (
-    DownloadError,
     OPENAI_FILES,
     assign,
     download_and_load_gpt2,
-    download_file,
     download_weights,
     download_hf_gpt2,
     load_gpt2_params_from_safetensors,
@@ -262,69 +259,6 @@ def test_corrupt_tf_checkpoint_names_the_file(tmp_path, openai_dir):
 
 
 # ----------------------------------------------------------------------------- downloads
-
-class FileServer:
-    """127.0.0.1 HTTP server for ``files`` (url path -> bytes), with Range and a few misbehaviours."""
-
-    def __init__(self, files):
-        self.files, self.requests = dict(files), []
-        self.ignore_range, self.short_body, self.extra_headers = False, set(), {}
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                outer.requests.append((self.path, self.headers.get("Range")))
-                body = outer.files.get(self.path)
-                if body is None:
-                    self.send_error(404)
-                    return
-                start = 0
-                m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
-                if m and not outer.ignore_range:
-                    start = int(m.group(1))
-                    if start >= len(body):
-                        self.send_error(416)
-                        return
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-                else:
-                    self.send_response(200)
-                # a short body promises more bytes than it sends, then hangs up
-                promised = len(body) - start + (1000 if self.path in outer.short_body else 0)
-                self.send_header("Content-Length", str(promised))
-                for k, v in outer.extra_headers.get(self.path, {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(body[start:])
-                self.close_connection = True
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def serve(monkeypatch):
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    servers = []
-
-    def start(files):
-        servers.append(FileServer(files))
-        return servers[-1]
-
-    yield start
-    for s in servers:
-        s.close()
-
 
 def closed_port_url():
     with socket.socket() as s:  # bind, note the port, close: nothing listens there now

@@ -181,7 +181,7 @@ def test_finetune_page_download_offline_says_so(monkeypatch):
     from sft import download, weights
 
     def offline(url, destination, **kwargs):  # what requests gives on a machine with no network
-        raise weights.DownloadError(f"{url}: ConnectionError: no network")
+        raise download.DownloadError(f"{url}: ConnectionError: no network")
 
     monkeypatch.setattr(download, "download_file", offline)
     at = open_page("pages/3_finetune.py")
@@ -219,7 +219,7 @@ def test_finetune_page_download_with_progress(monkeypatch, app_dirs):
 
 @pytest.mark.slow
 def test_finetune_page_one_training_per_device(app_dirs):
-    from sft.runs import Run
+    from sft.studio.runs import Run
 
     at = open_page("pages/3_finetune.py")
     at.button(key="ft_use_tiny").click().run()
@@ -252,7 +252,7 @@ def tiny_finetune_page(response_tokens):
 
 @pytest.mark.slow
 def test_finetune_page_chapter_path_switch_and_memory_settings(app_dirs):
-    from sft.runs import Run
+    from sft.studio.runs import Run
 
     at = tiny_finetune_page(response_tokens=2)
     at.toggle(key="ft_chapter_path").set_value(True).run()
@@ -284,7 +284,7 @@ def test_finetune_page_chapter_path_switch_and_memory_settings(app_dirs):
 
 @pytest.mark.slow
 def test_finetune_page_trains_the_tiny_model(app_dirs):
-    from sft.runs import Run
+    from sft.studio.runs import Run
 
     at = tiny_finetune_page(response_tokens=4)
     at.text_input(key="ft_run_name").set_value("apptest").run()
@@ -304,14 +304,16 @@ def test_finetune_page_trains_the_tiny_model(app_dirs):
 
 @pytest.mark.slow
 def test_finetune_page_shows_why_a_run_failed(app_dirs):
-    from sft.runs import Run
-    from sft.training import TrainConfig
+    from sft.studio.runs import Run
+    from sft.studio.config import TrainConfig
 
     missing = app_dirs["runs"] / "no-such-data.json"
     run = Run.create(TrainConfig(model="tiny", weights="random", data=str(missing)), root=app_dirs["runs"],
                      name="broken")
-    run.launch()
-    assert run.wait(timeout=180)["state"] == "failed"
+    from sft.studio.worker import launch_worker
+
+    proc = launch_worker(run)
+    assert run.wait(timeout=180, proc=proc)["state"] == "failed"
     at = open_page("pages/3_finetune.py")
     assert at.selectbox(key="ft_run").value == "broken"
     assert "Failed: FileNotFoundError" in at.error[0].value and "no-such-data.json" in at.error[0].value
@@ -321,8 +323,9 @@ def test_finetune_page_shows_why_a_run_failed(app_dirs):
 @pytest.fixture
 def trained_run(app_dirs):
     """A finished tiny run, trained in this process (2 steps, 6 test entries)."""
-    from sft.runs import Run, execute_run
-    from sft.training import TrainConfig
+    from sft.studio.runs import Run
+    from sft.studio.worker import execute_run
+    from sft.studio.config import TrainConfig
 
     config = TrainConfig(model="tiny", weights="random", limit=60, max_steps=2, response_tokens=4,
                          sample_each_epoch=False)
@@ -354,10 +357,10 @@ def test_compare_page_answers_side_by_side_and_the_whole_split(trained_run):
 
 @pytest.mark.slow
 def test_compare_page_precision_fp32_gives_the_chapters_greedy_answers(trained_run):
-    from sft.generation import generate_responses
-    from sft.hardware import cpu_has_fast_bf16
+    from sft.fast.decode import generate_responses
+    from sft.studio.hardware import cpu_has_fast_bf16
     from sft.tokenizer import get_tokenizer
-    from sft.finetuned import load_finetuned
+    from sft.studio.finetuned import load_finetuned
 
     at = open_page("pages/4_compare.py")
     assert at.selectbox(key="cmp_precision").value == ("bf16" if cpu_has_fast_bf16() else "fp32")
@@ -386,8 +389,9 @@ def test_judge_page_has_its_place():
 
 
 def test_compare_page_answers_with_a_stopped_runs_checkpoint(app_dirs):
-    from sft.runs import Run, execute_run
-    from sft.training import TrainConfig
+    from sft.studio.runs import Run
+    from sft.studio.worker import execute_run
+    from sft.studio.config import TrainConfig
 
     run = Run.create(TrainConfig(model="tiny", weights="random", limit=60), root=app_dirs["runs"], name="halted")
     # A stop asked after the first step: the trainer checkpoints and stops, no final weights.

@@ -28,9 +28,12 @@ def _free_port():
 
 def _stop_training_workers(runs_dir):
     """Training workers are detached from the server (their own session): end the ones our runs started."""
-    from sft.runs import ACTIVE_STATES, list_runs, read_json
+    from sft.studio.files import read_json
+    from sft.studio.runs import ACTIVE_STATES, list_runs
 
     for run in list_runs(runs_dir):
+        if run.is_broken:
+            continue
         status = read_json(run.status_path, {}) or {}
         pid = status.get("pid") or (read_json(run.path / "worker.json", {}) or {}).get("pid")
         if status.get("state") in ACTIVE_STATES and pid:

@@ -11,6 +11,9 @@ import re
 
 import torch
 
+from ..model import GPTModel
+from .files import atomic_write, atomic_write_text
+
 _HEADS_BY_EMB_DIM = {768: 12, 1024: 16, 1280: 20, 1600: 25}  # GPT-2's four sizes
 
 def finetuned_filename(choose_model):
@@ -24,22 +27,6 @@ def _stem(path):
         if path.endswith(ext):
             return path[: -len(ext)]
     return path
-
-
-def _atomic(path, write):
-    """Write through a temp file in the same folder, then rename: readers never see half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _write_text(path, text):
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
 
 
 def config_from_model(model):
@@ -75,9 +62,9 @@ def save_finetuned(model, path, *, cfg=None, extra=None):
         seen.add(v.data_ptr())
         tensors[k] = v
     paths = {"pth": stem + ".pth", "safetensors": stem + ".safetensors", "json": stem + ".json"}
-    _atomic(paths["pth"], lambda tmp: torch.save(state, tmp))
-    _atomic(paths["safetensors"], lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic(paths["json"], lambda tmp: _write_text(tmp, text))
+    atomic_write(paths["pth"], lambda tmp: torch.save(state, tmp), durable=True)
+    atomic_write(paths["safetensors"], lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}), durable=True)
+    atomic_write_text(paths["json"], text)
     return paths
 
 
@@ -118,8 +105,6 @@ def load_finetuned(path, *, cfg=None, device="cpu"):
     ``torch.load(weights_only=True)``; the config comes from ``cfg``, the ``.json``, or the shapes.
     """
     from safetensors.torch import load_file
-
-    from .model import GPTModel
 
     path, stem = os.fspath(path), _stem(path)
     if path.endswith((".pth", ".safetensors")):

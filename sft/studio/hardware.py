@@ -4,6 +4,7 @@ Not in the book: the chapter picks ``cuda`` if available, else ``cpu`` (and ``mp
 notes), and always trains in fp32. Here the trainer also asks whether bf16 matrix products
 run natively, since bf16 autocast roughly halves the time per step where they do.
 """
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -90,6 +91,24 @@ def resolve_precision(precision, device):
     if precision == "auto":
         return "bf16" if bf16_is_fast(device) else "fp32"
     return precision
+
+
+@contextmanager
+def tf32(device, enabled=True):
+    """TF32 matrix products (fp32 inputs, ~10 mantissa bits) on NVIDIA GPUs, inside the block only.
+
+    A no-op elsewhere. The previous settings come back afterwards, so one process can time a
+    path with TF32 beside one without (the benchmark does).
+    """
+    if resolve_device(device).type != "cuda":
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def keep_freed_memory():

@@ -107,3 +107,55 @@ def test_tiny_train_then_generate(capsys, tmp_path):
     assert code == 0, err
     answers = json.loads(out_path.read_text())
     assert len(answers) == 1 and "model_response" in answers[0] and f"Wrote 1 answers to {out_path}" in out
+
+
+def test_a_flag_that_contradicts_chapter_path_is_an_error(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--model", "tiny", "--chapter-path", "--precision", "bf16",
+                           "--group-by-length", "--runs-root", str(tmp_path))
+    assert code == 2
+    assert "precision='bf16' contradicts the chapter's exact computation" in err
+    assert "group_by_length=True contradicts" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_settings_given_with_an_existing_run_dir_are_refused(capsys, tmp_path):
+    from sft.studio.config import TrainConfig
+    from sft.studio.runs import Run
+
+    run = Run.create(TrainConfig(model="tiny", weights="random"), root=tmp_path, name="r")
+    code, _, err = run_cli(capsys, "train", "--run-dir", str(run.path), "--epochs", "5")
+    assert code == 2 and "already has its settings" in err and "--epochs" in err
+    assert run.config.epochs == 2
+
+
+def test_a_registered_prompt_style_is_accepted_by_the_cli(capsys, tmp_path):
+    from sft.prompts import PROMPT_STYLES, Alpaca, register_prompt_style
+
+    @register_prompt_style
+    class Terse(Alpaca):
+        name = "terse"
+
+    try:
+        with pytest.raises(SystemExit):
+            main(["train", "--help"])
+        assert "terse" in capsys.readouterr().out
+        from sft.cli.train import config_from_args
+        from sft.cli import build_parser
+
+        args = build_parser(["train"]).parse_args(["train", "--model", "tiny", "--prompt-style", "terse"])
+        assert config_from_args(args).validate().prompt_style == "terse"
+    finally:
+        PROMPT_STYLES.pop("terse")
+
+
+def test_train_flags_come_from_the_config_fields(capsys):
+    from dataclasses import fields
+
+    from sft.studio.config import TrainConfig
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for f in fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in text, f.name
+    assert "--mask-instruction, --no-mask-instruction" in text  # booleans both ways

@@ -1,4 +1,4 @@
-"""Run folders: atomic files, status, metrics, locks, and the detached training worker."""
+"""Run folders: status, metrics, the device lock, and the detached training worker."""
 import json
 import os
 import signal
@@ -9,18 +9,11 @@ import time
 import pytest
 import torch
 
-from sft.runs import (
-    DeviceBusyError,
-    Run,
-    RunError,
-    acquire_device_lock,
-    atomic_write_json,
-    atomic_write_text,
-    device_lock_holder,
-    list_runs,
-    release_device_lock,
-)
-from sft.training import ConfigError, TrainConfig
+from sft.studio.config import ConfigError, TrainConfig
+from sft.studio.files import atomic_write_json, atomic_write_text
+from sft.studio.locks import DeviceBusyError, DeviceLock, holder
+from sft.studio.runs import Run, RunError, list_runs
+from sft.studio.worker import launch_worker, resume_worker
 
 # Workers get one thread each: the test machine's two cores are shared.
 WORKER_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -57,20 +50,7 @@ def progress_step(run):
     return (run.status().get("progress") or {}).get("step", -1)
 
 
-# ============================================================================ files
-
-def test_atomic_writes_leave_old_content_on_failure(tmp_path, monkeypatch):
-    path = tmp_path / "status.json"
-    atomic_write_json(path, {"state": "running"})
-    assert json.loads(path.read_text()) == {"state": "running"}
-    with pytest.raises(TypeError):
-        atomic_write_json(path, {"bad": object()})  # not serialisable: fails before any write
-    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
-    with pytest.raises(OSError, match="disk full"):
-        atomic_write_text(path, "half")
-    assert json.loads(path.read_text()) == {"state": "running"}
-    assert [p.name for p in tmp_path.iterdir()] == ["status.json"]  # no temp files left
-
+# ============================================================================ run folders
 
 def test_create_open_and_list(tmp_path):
     root = tmp_path / "runs"
@@ -118,11 +98,11 @@ def test_metrics_drop_work_redone_after_a_resume(tmp_path):
 def test_launch_refuses_what_cannot_start(tmp_path):
     run = Run.create(tiny_config(), root=tmp_path, name="r")
     with pytest.raises(RunError, match="no checkpoint to resume from"):
-        run.resume(env=WORKER_ENV)
+        resume_worker(run, env=WORKER_ENV)
     run.record_event({"type": "step", "step": 0})
     with pytest.raises(RunError, match="already trained: resume it, or create a new run"):
-        run.launch(env=WORKER_ENV)
-    assert device_lock_holder(tmp_path, "cpu") is None and not run.log_path.exists()
+        launch_worker(run, env=WORKER_ENV)
+    assert holder("cpu") is None and not run.log_path.exists()
     run.delete()
     assert not run.path.exists()
 
@@ -149,22 +129,24 @@ def test_dead_worker_is_reported_failed_with_log_tail(tmp_path):
 
 
 def test_device_lock(tmp_path):
-    lock = acquire_device_lock(tmp_path, "cpu", "first", pid=os.getppid())  # a live process
-    assert device_lock_holder(tmp_path, "cpu")["run"] == "first"
+    lock = DeviceLock.acquire("cpu", run="first")
+    assert holder("cpu")["run"] == "first" and holder("cpu")["pid"] == os.getpid()
     with pytest.raises(DeviceBusyError, match="run 'first'"):
-        acquire_device_lock(tmp_path, "cpu", "second")
+        DeviceLock.acquire("cpu", run="second")
     run = Run.create(tiny_config(), root=tmp_path, name="second")
     with pytest.raises(DeviceBusyError, match="busy"):
-        run.launch(env=WORKER_ENV)
+        launch_worker(run, env=WORKER_ENV)
     assert run.state == "created" and not run.log_path.exists()
-    release_device_lock(lock, pid=os.getppid())
-    # a lock left by a process that died is cleared
-    acquire_device_lock(tmp_path, "cpu", "crashed", pid=dead_pid())
-    assert device_lock_holder(tmp_path, "cpu") is None
-    mine = acquire_device_lock(tmp_path, "cpu", "third")
-    assert json.loads(mine.read_text())["pid"] == os.getpid()
-    release_device_lock(mine)
-    assert not mine.exists()
+    lock.release()
+    assert holder("cpu") is None
+    # A process that took the lock and died (kill -9) leaves it free: the kernel drops it.
+    code = "import os; from sft.studio.locks import DeviceLock; DeviceLock.acquire('cpu', run='crashed'); " \
+           "os.kill(os.getpid(), 9)"
+    subprocess.run([sys.executable, "-c", code], env=WORKER_ENV, check=False)
+    assert holder("cpu") is None
+    with DeviceLock.acquire("cpu", run="third"):
+        assert holder("cpu")["run"] == "third"
+    assert holder("cpu") is None
 
 
 # ============================================================================ the worker process
@@ -173,25 +155,25 @@ def test_device_lock(tmp_path):
 def test_worker_stop_then_resume_completes(tmp_path):
     root = tmp_path / "runs"
     run = Run.create(tiny_config(epochs=100000), root=root, name="long")
-    proc = run.launch(env=WORKER_ENV)
+    proc = launch_worker(run, env=WORKER_ENV)
     assert wait_until(lambda: progress_step(run) >= 2, proc), run.tail_log()
     assert run.state == "running" and run.status()["pid"] == proc.pid
-    assert device_lock_holder(root, "cpu")["pid"] == proc.pid
+    assert holder("cpu")["pid"] == proc.pid
     with pytest.raises(RunError, match="already running"):
-        run.launch(env=WORKER_ENV)
+        launch_worker(run, env=WORKER_ENV)
     run.request_stop()
     assert proc.wait(timeout=120) == 0, run.tail_log()
     status = run.status()
     assert status["state"] == "stopped", status
-    assert not run.stop_path.exists() and device_lock_holder(root, "cpu") is None
+    assert not run.stop_path.exists() and holder("cpu") is None
     stopped_at = torch.load(run.checkpoint_path, weights_only=True)["global_step"]
     assert stopped_at >= 2
 
     config = run.config  # finish three steps later
     config.max_steps = stopped_at + 4
     config.save(run.config_path)
-    proc = run.resume(env=WORKER_ENV)
-    status = run.wait(timeout=180)
+    proc = resume_worker(run, env=WORKER_ENV)
+    status = run.wait(timeout=180, proc=proc)
     assert proc.returncode == 0 and status["state"] == "completed", run.tail_log()
     assert [e["step"] for e in run.read_metrics("step")] == list(range(stopped_at + 4))
     assert [e["step"] for e in run.read_metrics("resumed")] == [stopped_at]
@@ -205,21 +187,20 @@ def test_worker_stop_then_resume_completes(tmp_path):
 @pytest.mark.slow
 def test_killed_worker_is_failed_and_frees_the_device(tmp_path):
     run = Run.create(tiny_config(epochs=100000), root=tmp_path, name="doomed")
-    proc = run.launch(env=WORKER_ENV)
+    proc = launch_worker(run, env=WORKER_ENV)
     assert wait_until(lambda: progress_step(run) >= 0, proc), run.tail_log()
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     status = run.status()
     assert status["state"] == "failed" and str(proc.pid) in status["error"]
-    lock = acquire_device_lock(tmp_path, "cpu", "next")  # the dead worker's lock is stale
-    release_device_lock(lock)
+    DeviceLock.acquire("cpu", run="next").release()  # the dead worker's lock went with it
 
 
 @pytest.mark.slow
 def test_worker_reports_a_bad_dataset(tmp_path):
     run = Run.create(tiny_config(data=str(tmp_path / "missing.json")), root=tmp_path, name="bad")
-    proc = run.launch(env=WORKER_ENV)
-    status = run.wait(timeout=120)
+    proc = launch_worker(run, env=WORKER_ENV)
+    status = run.wait(timeout=120, proc=proc)
     assert proc.returncode == 1
     assert status["state"] == "failed" and "missing.json" in status["error"]
     assert "missing.json" in run.tail_log()

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from sft.finetuned import finetuned_filename, finetuned_info, load_finetuned, save_finetuned
+from sft.studio.finetuned import finetuned_filename, finetuned_info, load_finetuned, save_finetuned
 from sft.model import GPTModel
 
 SMALL = {"vocab_size": 64, "context_length": 16, "emb_dim": 12, "n_heads": 2, "n_layers": 2,

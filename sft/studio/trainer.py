@@ -1,12 +1,12 @@
-"""Not in the book: ``TrainConfig`` and the ``Trainer`` the app, the CLI and the benchmark drive.
+"""Not in the book: the ``Trainer`` the app, the command line and the benchmark all drive.
 
-``TrainConfig`` holds every run setting in one commented dataclass (saved as the run's
-config.json). ``Trainer`` reports events to callbacks, trains with bf16 autocast and a masked
-output head where asked, accumulates gradients, checkpoints with exact resume and, under
-``torchrun``, trains with DDP (see ``sft.distributed``). ``TrainConfig.chapter_path()`` turns
-every fast path off, so the Trainer then computes exactly what ``train_model_simple`` computes.
+One job: the training loop. It runs optimizer steps (gradient accumulation, bf16 autocast, the
+fast kernels and the masked head where the config asks), evaluates on the chapter's schedule
+and reports every step, evaluation, epoch end, sample, checkpoint and stop as an event dict to
+its callbacks. What a checkpoint holds and how a resume replays the epoch is ``checkpoint``'s
+job; DDP's batch rule is ``distributed``'s. With ``TrainConfig.chapter_path()`` it computes
+exactly what the chapter's ``train_model_simple`` computes (a test proves it bit for bit).
 """
-import json
 import math
 import os
 import time
@@ -14,14 +14,17 @@ from contextlib import nullcontext
 
 import torch
 
+from ..batching import IGNORE_INDEX
+from ..fast.decode import generate_batch
+from ..fast.forward import FastGPT
+from ..fast.loss import full_loss, masked_head_loss
+from ..tokenizer import EOT_ID
 from . import distributed
-# The settings live in sft.config; TrainConfig & co. stay importable from here too.
-from .config import WEIGHT_SOURCES, ConfigError, TrainConfig, TrainingError, oom_advice  # noqa: F401
-from .hardware import resolve_device, resolve_precision
+from .checkpoint import EpochBatches, load_checkpoint, restore_training_state, save_checkpoint, training_state
+from .config import ConfigError, TrainingError, oom_advice
+from .files import append_jsonl
+from .hardware import resolve_device, resolve_precision, tf32
 
-IGNORE_INDEX = -100  # targets at this value do not count in the loss (padding, masked prompt)
-
-# ============================================================================ Not in the book
 
 def _is_oom(exc):
     oom_type = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
@@ -30,29 +33,12 @@ def _is_oom(exc):
         "out of memory" in text or "can't allocate memory" in text))
 
 
-def _loader_generators(*loaders):
-    """The torch.Generators that decide the loaders' shuffles (those not drawn from the global RNG)."""
-    found = {}
-    for i, loader in enumerate(loaders):
-        batch_sampler = getattr(loader, "batch_sampler", None)
-        owners = {"loader": loader, "sampler": getattr(loader, "sampler", None),
-                  "batch_sampler": batch_sampler, "batch_sampler.sampler": getattr(batch_sampler, "sampler", None)}
-        for name, owner in owners.items():
-            gen = getattr(owner, "generator", None)
-            if isinstance(gen, torch.Generator) and all(gen is not g for g in found.values()):
-                found[f"{i}.{name}"] = gen
-    return found
-
-
 def _finite_or_none(x):
     return x if x is None or math.isfinite(x) else None
 
 
-CHECKPOINT_FORMAT = "sft-studio-checkpoint"
-
-
 class Trainer:
-    """One training loop the app, the CLI and the benchmark all drive.
+    """The training loop.
 
     Every step, evaluation, epoch end, sample, checkpoint and the end are reported as event
     dicts to each callback (and, with ``metrics_path``, appended to a JSONL file). A stop asked
@@ -61,8 +47,7 @@ class Trainer:
     continues so that the final weights equal those of a run that never stopped.
 
     Under torchrun (a process group is initialised) it trains with DDP: the model is wrapped,
-    the loaders sharded, losses all-reduced, and only rank 0 reports and saves (see
-    ``sft.distributed`` for the batch rule).
+    the loaders sharded, losses all-reduced, and only rank 0 reports and saves.
     """
 
     def __init__(self, model, config, train_loader, val_loader, *, tokenizer=None, sample_prompt=None,
@@ -78,19 +63,16 @@ class Trainer:
         self.rank, self.world_size = distributed.world()
         self.is_main = self.rank == 0
 
-        cuda = self.device.type == "cuda"
-        if cuda and config.tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        if config.activation_checkpointing:
-            if not hasattr(model, "gradient_checkpointing"):
-                raise ValueError(f"{type(model).__name__} does not support activation checkpointing")
-            model.gradient_checkpointing = True
-        # Masked head: only for models that expose the hidden states before out_head (GPTModel).
-        self.masked_head = (config.masked_head_loss and hasattr(model, "forward_hidden")
-                            and hasattr(model, "out_head"))
-        self.forward_model = self.model
-        if self.world_size > 1:  # Not in the book: data parallel over torchrun's processes
+        # The module each step runs: the book's model itself on the chapter's path, else the
+        # fast kernels over its parameters (and, with lengths, only the positions that count).
+        self.masked_head = config.masked_head_loss and config.fast_kernels
+        if config.fast_kernels or config.activation_checkpointing:
+            self.body = FastGPT(self.model, checkpointing=config.activation_checkpointing,
+                                fused=config.fast_kernels)
+        else:
+            self.body = self.model
+        self.forward_model = self.body
+        if self.world_size > 1:  # data parallel over torchrun's processes
             if config.batch_size < self.world_size:
                 raise ConfigError([f"batch_size {config.batch_size} is smaller than the {self.world_size} "
                                    "processes: each needs at least one row of every batch"])
@@ -98,14 +80,14 @@ class Trainer:
 
             self.train_loader = distributed.shard_loader(train_loader, self.rank, self.world_size)
             self.val_loader = distributed.shard_loader(val_loader, self.rank, self.world_size)
-            self._ddp = DistributedDataParallel(self.model, device_ids=[self.device.index] if cuda else None)
+            self._ddp = DistributedDataParallel(self.body, device_ids=[self.device.index]
+                                                if self.device.type == "cuda" else None)
             self.forward_model = self._ddp
         if config.compile:
             self.forward_model = torch.compile(self.forward_model)
-        # Fused AdamW: one pass over params, grads and moments instead of ~10 (the CPU step of
-        # gpt2-small drops from ~0.9 s to ~0.13 s per thread); same maths, other rounding.
+        # Fused AdamW: one pass over params, grads and moments instead of ~10; same maths, other rounding.
         extra = {"fused": True} if config.fused_adamw and self.device.type in ("cuda", "cpu") else {}
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr,
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=config.lr,
                                            weight_decay=config.weight_decay, **extra)
         # Position: the chapter's counters plus where we are inside the epoch.
         self.epoch = 0           # epochs completed
@@ -115,11 +97,8 @@ class Trainer:
         self.history = {"train_losses": [], "val_losses": [], "tokens_seen": [], "steps": [], "epochs": []}
         self.total_steps = None
         self.elapsed_before = 0.0  # seconds trained before a resume
+        self.batches = EpochBatches(self.train_loader, self.val_loader)
         self._stop = False
-        self._epoch_rng = None   # RNG states at the start of this epoch: they fix its shuffle
-        self._resume_rng = None  # RNG states at the checkpoint, restored after replaying the shuffle
-        self._resume_sampler_epochs = {}
-        self._live_batches = None  # this epoch's batch iterator, kept so a second fit() goes on
         self._t0, self._steps_at_start = time.perf_counter(), 0
 
     # ------------------------------------------------------------------ loss and evaluation
@@ -134,23 +113,24 @@ class Trainer:
         inputs = inputs.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
         # Evaluation needs no gradients: the plain module then (no DDP sync, no recompile).
-        forward = self.forward_model if self.model.training else self.model
+        forward = self.forward_model if self.model.training else self.body
         with self._autocast():
             if self.masked_head:
-                # Compute only what the loss reads: the body up to each row's last counted
-                # target (the padding after it cannot change earlier positions: causal
-                # attention), then the output head only where targets count.
-                counted = targets != IGNORE_INDEX  # (B, T)
-                positions = torch.arange(1, targets.shape[1] + 1, device=targets.device)
-                lengths = torch.where(counted, positions, 0).amax(dim=1)  # (B,)
-                hidden = forward(inputs, return_hidden=True, lengths=lengths)  # (M, C) kept rows
-                kept = positions[None, :] <= lengths[:, None]  # (B, T), the M positions computed
-                keep = counted[kept]  # (M,)
-                logits = self.model.out_head(hidden[keep])  # (N, vocab): only the N positions that count
-                return torch.nn.functional.cross_entropy(logits.float(), targets[kept][keep], reduction=reduction)
-            logits = forward(inputs)  # (B, T, vocab)
-            return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                                                     ignore_index=IGNORE_INDEX, reduction=reduction)
+                return masked_head_loss(forward, self.model.out_head, inputs, targets, reduction=reduction)
+            return full_loss(forward(inputs), targets, reduction=reduction)
+
+    # A batch as the loaders give it; DPO (its own trainer) redefines these three.
+    def batch_loss(self, batch, *, reduction="mean"):
+        inputs, targets = batch
+        return self.loss(inputs, targets, reduction=reduction)
+
+    def batch_weight(self, batch):
+        """How much a batch counts in a mean over batches split across ranks: its counted targets."""
+        return int((batch[1] != IGNORE_INDEX).sum())
+
+    def batch_tokens(self, batch):
+        """Input tokens, padding included, as the chapter's tokens_seen counts them."""
+        return batch[0].numel()
 
     def _loader_loss(self, loader):
         if len(loader) == 0:
@@ -159,45 +139,49 @@ class Trainer:
         if self.world_size > 1:
             return self._loader_loss_ddp(loader, n)
         total = 0.0
-        for i, (inputs, targets) in enumerate(loader):
+        for i, batch in enumerate(loader):
             if i >= n:
                 break
-            total += self.loss(inputs, targets).item()
+            total += self.batch_loss(batch).item()
         return total / n
 
     def _loader_loss_ddp(self, loader, n):
         """The chapter's average of per-batch mean losses, each batch split over the ranks."""
-        sums = torch.zeros(n, 2, dtype=torch.float64)  # per batch: (loss sum, counted targets)
+        sums = torch.zeros(n, 2, dtype=torch.float64)  # per batch: (loss sum, weight)
         for i, batch in enumerate(loader):
             if i >= n:
                 break
             if batch is not None:  # a short last batch leaves some ranks without rows
-                inputs, targets = batch
-                sums[i, 0] = self.loss(inputs, targets, reduction="sum").item()
-                sums[i, 1] = int((targets != IGNORE_INDEX).sum())
+                sums[i, 0] = self.batch_loss(batch, reduction="sum").item()
+                sums[i, 1] = self.batch_weight(batch)
         sums = distributed.all_reduce(sums.to(self.device)).cpu()
         return (sums[:, 0] / sums[:, 1]).mean().item()
 
-    def evaluate(self):
-        """(train_loss, val_loss) over ``eval_iter`` batches each, as the chapter's evaluate_model."""
-        self.model.eval()
+    def _eval_context(self):
         # One autocast around all batches, so each weight is cast to bf16 once per evaluation.
-        # autocast keeps no cast cache under inference_mode (each batch would recast all 163M
-        # weights of gpt2-small), so bf16 evaluates under no_grad; fp32 under inference_mode.
-        no_grad = torch.no_grad() if self.precision == "bf16" else torch.inference_mode()
-        with no_grad, self._autocast():
-            losses = self._loader_loss(self.train_loader), self._loader_loss(self.val_loader)
+        # autocast keeps no cast cache under inference_mode (each batch would recast every
+        # weight), so bf16 evaluates under no_grad; fp32 under inference_mode.
+        return torch.no_grad() if self.precision == "bf16" else torch.inference_mode()
+
+    def eval_metrics(self):
+        """{"train_loss", "val_loss"} over ``eval_iter`` batches each, as the chapter's evaluate_model."""
+        self.model.eval()
+        with self._eval_context(), self._autocast():
+            metrics = {"train_loss": self._loader_loss(self.train_loader),
+                       "val_loss": self._loader_loss(self.val_loader)}
         self.model.train()
-        return losses
+        return metrics
+
+    def evaluate(self):
+        """(train_loss, val_loss), the chapter's ``evaluate_model`` on this trainer's loaders."""
+        m = self.eval_metrics()
+        return m["train_loss"], m["val_loss"]
 
     def sample(self, epoch=None):
         """Greedy answer to ``sample_prompt`` (stops at end-of-text), reported as a "sample" event."""
         if not (self.config.sample_each_epoch and self.tokenizer is not None and self.sample_prompt
                 and self.is_main):
             return None
-        from .generation import generate_batch
-        from .tokenizer import EOT_ID
-
         ids = self.tokenizer.encode(self.sample_prompt)
         # KV cache, greedy, fp32: the tokens the chapter's generate gives (autocast would recast
         # every weight at every new token: it keeps no cast cache under inference_mode).
@@ -243,107 +227,44 @@ class Trainer:
                  "progress": done / self.total_steps if self.total_steps else 0.0,
                  "elapsed": elapsed, "eta": eta,
                  "tokens_per_s": round(self.tokens_seen / elapsed, 1) if elapsed > 0 else None, **data}
-        for key in ("loss", "train_loss", "val_loss"):
-            if key in event:
-                event[key] = _finite_or_none(event[key])
+        for key, value in list(event.items()):
+            if key.endswith("loss") and isinstance(value, float):
+                event[key] = _finite_or_none(value)
         if self.metrics_path:
-            with open(self.metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(event) + "\n")  # one write per line: readers never see half an event
+            append_jsonl(self.metrics_path, event)
         for callback in self.callbacks:
             callback(event)
 
     # ------------------------------------------------------------------ checkpoints
+    def trainable_state_dict(self):
+        """What a checkpoint keeps of the model: every tensor (adapters only under LoRA)."""
+        return self.model.state_dict()
+
+    def load_trainable_state_dict(self, state):
+        self.model.load_state_dict(state)
+
     def state_dict(self):
         """Everything resuming needs; loads with ``torch.load(weights_only=True)``."""
-        from .runs import capture_rng_state
-
-        elapsed, _ = self._timing()
-        return {"format": CHECKPOINT_FORMAT, "version": 1,
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "n_batches": len(self.train_loader), "global_step": self.global_step,
-                "tokens_seen": self.tokens_seen, "elapsed": elapsed, "history": self.history,
-                "config": self.config.to_dict(),
-                "rng": capture_rng_state(self._generators()), "epoch_rng": self._epoch_rng,
-                "sampler_epochs": {attr: s.epoch for attr, s in self._samplers()}}
+        return training_state(self, self._timing()[0])
 
     def load_state_dict(self, state, *, source="checkpoint"):
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{source} is not an SFT Studio training checkpoint")
-        if state["n_batches"] != len(self.train_loader):
-            raise ValueError(
-                f"{source} was taken with {state['n_batches']} training batches per epoch, but the data "
-                f"now gives {len(self.train_loader)}: resuming needs the same data, limit and batch_size")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        for key in ("epoch", "batch_in_epoch", "global_step", "tokens_seen"):
-            setattr(self, key, state[key])
-        self.history = {k: list(v) for k, v in state["history"].items()}
-        self.elapsed_before = state["elapsed"]
-        self._epoch_rng, self._resume_rng = state["epoch_rng"], state["rng"]
-        self._resume_sampler_epochs = state.get("sampler_epochs", {})
-        self._live_batches = None
+        restore_training_state(self, state, source=source)
 
     def checkpoint(self, reason="manual"):
         """Save ``state_dict()`` atomically to ``checkpoint_path`` (rank 0 only)."""
         if not self.checkpoint_path or not self.is_main:
             return None
-        from .runs import save_checkpoint
-
         save_checkpoint(self.checkpoint_path, self.state_dict())
         self._emit("checkpoint", path=os.fspath(self.checkpoint_path), reason=reason)
         return self.checkpoint_path
 
     def resume(self, path=None):
         """Load a checkpoint (default ``checkpoint_path``); the next ``fit`` continues from it."""
-        from .runs import load_checkpoint
-
         path = path or self.checkpoint_path
         self.load_state_dict(load_checkpoint(path, map_location=self.device), source=os.fspath(path))
         return self
 
-    def _generators(self):
-        return _loader_generators(self.train_loader, self.val_loader)
-
-    def _samplers(self):
-        """(name, sampler) of the train loader's seeded samplers: they shuffle from seed + epoch."""
-        for attr in ("sampler", "batch_sampler"):
-            sampler = getattr(self.train_loader, attr, None)
-            if hasattr(sampler, "set_epoch") and isinstance(getattr(sampler, "epoch", None), int):
-                yield attr, sampler
-
-    def _restore_resume_state(self):
-        from .runs import restore_rng_state
-
-        restore_rng_state(self._resume_rng, self._generators())
-        for attr, sampler in self._samplers():  # evaluations may have advanced their epoch counter
-            if attr in self._resume_sampler_epochs:
-                sampler.epoch = self._resume_sampler_epochs[attr]
-        self._resume_rng = None
-
     # ------------------------------------------------------------------ the loop
-    def _epoch_batches(self):
-        from .runs import capture_rng_state, restore_rng_state
-
-        if self.batch_in_epoch > 0 and self._live_batches is not None:
-            return self._live_batches  # fit() called again in memory (a larger max_steps): go on
-        gens = self._generators()
-        for _, sampler in self._samplers():
-            sampler.set_epoch(self.epoch)
-        if self.batch_in_epoch == 0:
-            self._epoch_rng = capture_rng_state(gens)
-            self._live_batches = iter(self.train_loader)
-            return self._live_batches
-        # Resuming mid-epoch: replay this epoch's shuffle from its starting RNG state, skip the
-        # batches already trained on, then put the RNG back as it was at the checkpoint.
-        restore_rng_state(self._epoch_rng, gens)
-        batches = iter(self.train_loader)
-        for _ in range(self.batch_in_epoch):
-            next(batches)
-        self._restore_resume_state()
-        self._live_batches = batches
-        return batches
-
     def _train_step(self, batches, n_batches):
         """One optimizer step over up to ``grad_accum_steps`` micro-batches; returns the mean loss."""
         group = min(self.config.grad_accum_steps, n_batches - self.batch_in_epoch)
@@ -352,11 +273,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for _ in range(group):
-            inputs, targets = next(batches)
-            loss = self.loss(inputs, targets)
+            batch = next(batches)
+            loss = self.batch_loss(batch)
             (loss if group == 1 else loss / group).backward()
             total += loss.item()
-            self.tokens_seen += inputs.numel()
+            self.tokens_seen += self.batch_tokens(batch)
             self.batch_in_epoch += 1
         self.optimizer.step()
         self.global_step += 1
@@ -365,9 +286,9 @@ class Trainer:
     def _train_step_ddp(self, batches, group):
         """As ``_train_step``, each micro-batch split over the ranks.
 
-        Rank r's loss is (sum of its token losses) * world_size / (counted targets of the
-        whole micro-batch): DDP averages gradients over ranks, so the result is the gradient
-        of the whole micro-batch's mean loss, as one process computes it.
+        Rank r's loss is (sum of its losses) * world_size / (weight of the whole micro-batch,
+        e.g. its counted targets): DDP averages gradients over ranks, so the result is the
+        gradient of the whole micro-batch's mean loss, as one process computes it.
         """
         micro = []
         for _ in range(group):
@@ -376,15 +297,15 @@ class Trainer:
                 raise TrainingError("a training batch has fewer rows than processes: use drop_last batches "
                                     "with batch_size >= the number of processes")
             micro.append(batch)
-        # Per micro-batch, over all ranks: counted targets and input tokens (padding included).
-        counts = torch.tensor([[int((y != IGNORE_INDEX).sum()), x.numel()] for x, y in micro], dtype=torch.float64)
+        # Per micro-batch, over all ranks: weight (counted targets) and input tokens (padding included).
+        counts = torch.tensor([[self.batch_weight(b), self.batch_tokens(b)] for b in micro], dtype=torch.float64)
         counts = distributed.all_reduce(counts.to(self.device)).cpu()
         self.optimizer.zero_grad(set_to_none=True)
         sums = torch.zeros(group, dtype=torch.float64)
-        for i, (inputs, targets) in enumerate(micro):
+        for i, batch in enumerate(micro):
             last = i == group - 1
             with nullcontext() if last else self._ddp.no_sync():  # all-reduce grads once per step
-                loss_sum = self.loss(inputs, targets, reduction="sum")
+                loss_sum = self.batch_loss(batch, reduction="sum")
                 (loss_sum * (self.world_size / (counts[i, 0].item() * group))).backward()
             sums[i] = loss_sum.item()
         self.optimizer.step()
@@ -406,24 +327,38 @@ class Trainer:
                 pass
         return "stopped"
 
+    def _evaluate_and_record(self):
+        t0 = time.perf_counter()
+        metrics = self.eval_metrics()
+        seconds = time.perf_counter() - t0
+        self.history["train_losses"].append(metrics["train_loss"])
+        self.history["val_losses"].append(metrics["val_loss"])
+        for key, value in (("tokens_seen", self.tokens_seen), ("steps", self.global_step),
+                           ("epochs", self.epochs_seen())):
+            self.history[key].append(value)
+        self._emit("eval", **metrics, eval_seconds=round(seconds, 4))
+
+    def _check_finite(self, loss):
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f"the training loss became {loss} at step {self.global_step}: training diverged; the last "
+                "checkpoint (saved before this step) is kept",
+                [f"a lower learning rate (now {self.config.lr:g})", "precision 'fp32' if it was bf16"])
+
     def _loop(self):
         cfg, n_batches = self.config, len(self.train_loader)
-        if self._resume_rng is not None and self.batch_in_epoch == 0:
-            self._restore_resume_state()
+        if self.batch_in_epoch == 0:
+            self.batches.restore_resume_state()
         if self._stop_requested():
             return self._stopped()
         while self.epoch < cfg.epochs and self.global_step + 1 < self.total_steps:
-            batches = self._epoch_batches()
+            batches = self.batches.batches(self.epoch, self.batch_in_epoch)
             while self.batch_in_epoch < n_batches:
                 loss = self._train_step(batches, n_batches)
                 self._emit("step", loss=loss, lr=self.optimizer.param_groups[0]["lr"])
+                self._check_finite(loss)
                 if self.global_step % cfg.eval_freq == 0:
-                    train_loss, val_loss = self.evaluate()
-                    for key, value in (("train_losses", train_loss), ("val_losses", val_loss),
-                                       ("tokens_seen", self.tokens_seen), ("steps", self.global_step),
-                                       ("epochs", self.epochs_seen())):
-                        self.history[key].append(value)
-                    self._emit("eval", train_loss=train_loss, val_loss=val_loss)
+                    self._evaluate_and_record()
                 if self.global_step + 1 >= self.total_steps:
                     break
                 if cfg.checkpoint_every and (self.global_step + 1) % cfg.checkpoint_every == 0:
@@ -431,7 +366,8 @@ class Trainer:
                 if self._stop_requested():
                     return self._stopped()
             if self.batch_in_epoch == n_batches:
-                self.epoch, self.batch_in_epoch, self._live_batches = self.epoch + 1, 0, None
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                self.batches.end_epoch()
                 self._emit("epoch_end", epoch=self.epoch)
                 self.sample(epoch=self.epoch)
                 self.checkpoint("epoch_end")
@@ -442,18 +378,24 @@ class Trainer:
                 self.checkpoint("max_steps")
         return "completed"
 
-    def fit(self):
-        """Train to the end (epochs or max_steps) or until a stop; returns a summary dict."""
+    def fit(self, *, max_steps=None):
+        """Train to the end (epochs or max_steps) or until a stop; returns a summary dict.
+
+        ``max_steps`` (this call only) stops after that many optimizer steps in all, earlier
+        than the config's if smaller; a later ``fit`` goes on from there (the benchmark's turns).
+        """
         cfg, n_batches = self.config, len(self.train_loader)
         if n_batches == 0:
             raise ValueError("the training data gives no batches: add data or lower batch_size")
         self.total_steps = cfg.epochs * math.ceil(n_batches / cfg.grad_accum_steps)
-        if cfg.max_steps is not None:
-            self.total_steps = min(self.total_steps, cfg.max_steps)
+        for limit in (cfg.max_steps, max_steps):
+            if limit is not None:
+                self.total_steps = min(self.total_steps, limit)
         self._t0, self._steps_at_start = time.perf_counter(), self.global_step + 1
         self.model.train()
         try:
-            state = self._loop()
+            with tf32(self.device, cfg.tf32):
+                state = self._loop()
         except Exception as exc:
             if _is_oom(exc):
                 self.optimizer.zero_grad(set_to_none=True)
@@ -465,7 +407,10 @@ class Trainer:
                            "the last checkpoint is kept")
                 self._emit("error", error=message, advice=advice, oom=True)
                 raise TrainingError(message, advice) from exc
-            self._emit("error", error=f"{type(exc).__name__}: {exc}")
+            if isinstance(exc, TrainingError):
+                self._emit("error", error=str(exc).splitlines()[0], advice=exc.advice)
+            else:
+                self._emit("error", error=f"{type(exc).__name__}: {exc}")
             raise
         extra = {}
         if self.world_size > 1:  # proof that DDP kept the replicas identical
@@ -473,8 +418,9 @@ class Trainer:
             extra = {"world_size": self.world_size, "replica_digests": digests,
                      "replicas_in_sync": len(set(digests)) == 1}
         if state == "completed":
-            self._emit("done", train_loss=self.history["train_losses"][-1] if self.history["train_losses"] else None,
-                       val_loss=self.history["val_losses"][-1] if self.history["val_losses"] else None, **extra)
+            h = self.history
+            self._emit("done", train_loss=h["train_losses"][-1] if h["train_losses"] else None,
+                       val_loss=h["val_losses"][-1] if h["val_losses"] else None, **extra)
         elapsed, _ = self._timing()
         return {"state": state, "global_step": self.global_step, "epochs_completed": self.epoch,
                 "tokens_seen": self.tokens_seen, "elapsed": elapsed,

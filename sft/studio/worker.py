@@ -1,14 +1,13 @@
-"""The training worker (not in the book): the process that trains one run folder.
+"""Not in the book: the training worker, the process that trains one run folder.
 
-``Run.launch`` starts ``python -m sft train --run-dir ... --progress plain`` detached, and that
-process calls ``execute_run``: take the device lock, build data, model and ``Trainer``
-(``build_trainer``), train or resume, save the final weights, answer the test split, and
-keep status.json current through each phase. Under ``torchrun`` every rank runs
-``execute_run``; only rank 0 takes the lock, writes the run folder and answers (see
-``sft.distributed``). One training per device at a time: a lock file holds the worker's pid.
+``launch_worker(run)`` takes the device lock, starts ``python -m sft train --run-dir ...
+--progress plain`` detached (its own session, logging to log.txt) and hands it the lock; that
+process calls ``execute_run``: build data, model and ``Trainer`` (``build_trainer``), train or
+resume, save the final weights, answer the test split, and keep status.json current through
+each phase. Under ``torchrun`` every rank runs ``execute_run``; only rank 0 holds the lock,
+writes the run folder and answers. A run always reaches a final state: a launch that fails,
+a worker that dies, a diverging loss and a full disk each end as "failed" with the reason.
 """
-import copy
-import json
 import os
 import signal
 import subprocess
@@ -18,85 +17,22 @@ from pathlib import Path
 
 import torch
 
-from .runs import DeviceBusyError, RunError, atomic_write_json, canonical_model_name, read_json
+from ..batching import create_data_loaders
+from ..data import load_instruction_data, split_data
+from ..model import GPTModel, canonical_model_name, model_config
+from ..prompts import get_prompt_style
+from ..tokenizer import get_tokenizer
+from ..weights import load_pretrained
+from .answers import RESPONSE_BATCH, answer_entries
+from .config import TrainingError
+from .files import DiskFullError, atomic_write_json
+from .finetuned import save_finetuned
+from .hardware import device_key, keep_freed_memory, resolve_device
+from .locks import LOCK_FD_ENV, DeviceLock, create_time
+from .runs import RunError
+from .trainer import Trainer
 
-_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
-RESPONSE_BATCH = 32  # test prompts answered together (KV cache): more rows per weight read
-
-
-# ============================================================================ processes and locks
-
-def pid_alive(pid, create_time=None):
-    """Is ``pid`` a live process (not a zombie; the same process if ``create_time`` is given)?"""
-    import psutil
-
-    if not pid:
-        return False
-    try:
-        proc = psutil.Process(int(pid))
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return create_time is None or abs(proc.create_time() - create_time) < 1.0
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.AccessDenied:  # pragma: no cover - exists, owned by someone else
-        return True
-
-
-def _create_time(pid):
-    import psutil
-
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:  # pragma: no cover
-        return None
-
-
-def _lock_path(root, key):
-    return Path(root) / ".locks" / f"{key}.lock"
-
-
-def device_lock_holder(root, key):
-    """{pid, run, ...} of the live training holding device ``key`` under ``root``, or None."""
-    holder = read_json(_lock_path(root, key))
-    if holder and pid_alive(holder.get("pid"), holder.get("create_time")):
-        return holder
-    return None
-
-
-def acquire_device_lock(root, key, run_name, pid=None, *, take_over=()):
-    """Take the one-training-per-device lock for ``pid``; a lock held by a dead pid is cleared.
-
-    ``take_over``: pids whose lock may pass to us (the launcher that spawned this worker).
-    """
-    pid = pid or os.getpid()
-    path = _lock_path(root, key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"pid": pid, "create_time": _create_time(pid), "run": run_name, "since": time.time()}
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            holder = read_json(path) or {}
-            if holder.get("pid") in (pid, *take_over):
-                atomic_write_json(path, record)
-                return path
-            if not pid_alive(holder.get("pid"), holder.get("create_time")):
-                path.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            raise DeviceBusyError(f"device {key} is busy: run {holder.get('run')!r} (pid {holder.get('pid')}) "
-                                  "is training on it; stop it or wait for it to finish") from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f)
-        return path
-    raise DeviceBusyError(f"could not take the lock {path}")  # pragma: no cover
-
-
-def release_device_lock(path, pid=None):
-    """Remove the lock if ``pid`` (default: this process) holds it."""
-    holder = read_json(path) or {}
-    if holder.get("pid") == (pid or os.getpid()):
-        Path(path).unlink(missing_ok=True)
+_PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 
 
 # ============================================================================ launching
@@ -112,49 +48,58 @@ def check_start(run, resume):
 def launch_worker(run, *, resume=False, responses=True, python=None, env=None):
     """Start ``python -m sft train --run-dir RUN`` detached, logging to log.txt; returns the Popen.
 
-    The launcher takes the device lock first (so two clicks cannot start two trainings) and
-    hands it to the worker, which takes it over as its parent's.
+    The launcher takes the device lock first (so two clicks, two app sessions or two runs
+    folders cannot start two trainings on one device) and passes the locked file to the worker.
+    If the worker cannot be started, the run ends "failed" with the reason and the lock is freed.
     """
-    from .hardware import device_key
-
     if run.is_active:
         raise RunError(f"run {run.name!r} is already {run.state}")
     check_start(run, resume)
     key = device_key(run.config.device)
-    lock = acquire_device_lock(run.root, key, run.name, os.getpid())
+    lock = DeviceLock.acquire(key, run=run.name)  # DeviceBusyError: the run is left as it was
     try:
+        run.clean_temp_files()
         run.stop_path.unlink(missing_ok=True)
         (run.path / "worker.json").unlink(missing_ok=True)  # else the old worker would look crashed
-        run.update_status(state="queued", pid=None, device=key, error=None, advice=None,
-                          log_tail=None, finished=None)
+        run.update_status(state="starting", pid=None, device=key, error=None, advice=None, log_tail=None,
+                          finished=None, launcher_pid=os.getpid(), launcher_started=create_time(os.getpid()))
         cmd = [python or sys.executable, "-m", "sft", "train", "--run-dir", str(run.path), "--progress", "plain"]
         cmd += (["--resume"] if resume else []) + ([] if responses else ["--no-responses"])
         env = dict(os.environ if env is None else env)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env[LOCK_FD_ENV] = str(lock.fd)
         with open(run.log_path, "a", encoding="utf-8") as log:
             log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {'resume' if resume else 'start'}: "
                       f"{' '.join(cmd[1:])}\n")
             log.flush()
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=env, start_new_session=True)
-    except BaseException:
-        release_device_lock(lock)
-        raise
-    record = {"pid": proc.pid, "create_time": _create_time(proc.pid), "run": run.name, "since": time.time()}
-    atomic_write_json(run.path / "worker.json", record)
-    if (read_json(lock) or {}).get("pid") == os.getpid():  # hand the lock to the worker
-        atomic_write_json(lock, record)
+                                    env=env, start_new_session=True, pass_fds=(lock.fd,))
+        record = {"pid": proc.pid, "create_time": create_time(proc.pid), "run": run.name, "since": time.time()}
+        atomic_write_json(run.path / "worker.json", record)
+        lock.describe(run=run.name, pid=proc.pid)
+    except BaseException as exc:
+        reason = f"could not start the training worker: {type(exc).__name__}: {exc}"
+        try:
+            run.update_status(state="failed", finished=time.time(), error=reason)
+        except OSError:
+            pass  # a full disk: status() reports the launch as failed once its launcher is gone
+        raise RunError(reason) from exc
+    finally:
+        lock.release()  # the worker holds its own copy now (or there is no worker)
     return proc
+
+
+def resume_worker(run, **kwargs):
+    """Continue ``run`` from its last checkpoint in a new worker."""
+    return launch_worker(run, resume=True, **kwargs)
 
 
 # ============================================================================ building
 
 def load_splits(config):
     """(train, test, val) for ``config``: its data source, cut to ``limit``, split as the chapter does."""
-    from .data import load_instruction_data, split_data
-
-    data = load_instruction_data(config.data)
+    data = load_instruction_data(config.data, duplicates=config.duplicates)
     if config.limit is not None:
         data = data[:config.limit]
     train, test, val = split_data(data)
@@ -171,12 +116,8 @@ def build_model(config):
     demos; such a model is labelled RANDOM wherever a run shows it.
     """
     if config.weights == "random":
-        from .model import GPTModel, model_config
-
         torch.manual_seed(config.seed)
         return GPTModel(model_config(config.model))
-    from .weights import load_pretrained
-
     return load_pretrained(config.model, config.models_dir, source=config.weights)
 
 
@@ -186,11 +127,6 @@ def build_trainer(config, *, model=None, splits=None, **trainer_kwargs):
     Returns (trainer, (train, test, val)). ``trainer_kwargs`` go to ``Trainer`` (callbacks,
     checkpoint_path, stop_file, metrics_path, device).
     """
-    from .batching import create_data_loaders
-    from .prompts import get_prompt_style
-    from .tokenizer import get_tokenizer
-    from .trainer import Trainer
-
     train, test, val = splits or load_splits(config)
     tokenizer = get_tokenizer()
     # create_data_loaders seeds torch with config.seed first, as listing 7.6 does
@@ -209,30 +145,26 @@ def build_trainer(config, *, model=None, splits=None, **trainer_kwargs):
 
 # ============================================================================ running
 
+def _take_lock(run, key):
+    """The lock the launcher handed over, else take it here (a run started from the command line)."""
+    return DeviceLock.inherited(key, run=run.name) or DeviceLock.acquire(key, run=run.name)
+
+
 def execute_run(run, *, resume=False, responses=True, callbacks=(), dist=None):
     """Train ``run`` in this process (what the worker does): lock the device, train (or resume),
     save the final weights, answer the test split; status.json follows each phase.
 
-    ``dist``: a ``sft.distributed.DistContext`` under torchrun. Ranks other than 0 only train
-    (no lock, no files); rank 0 does everything else once training ends.
+    ``dist``: a ``sft.studio.distributed.DistContext`` under torchrun. Ranks other than 0 only
+    train (no lock, no files); rank 0 does everything else once training ends.
     """
-    from .hardware import keep_freed_memory, resolve_device
-
-    if resolve_device(run.config.device if dist is None else dist.device).type == "cpu":
+    config = run.config
+    if resolve_device(config.device if dist is None else dist.device).type == "cpu":
         keep_freed_memory()  # a training process: reuse big tensors' memory instead of re-faulting it
     if dist is not None and not dist.is_main:
         return _execute_replica(run, resume, dist)
-    from .hardware import device_key
-    from .config import TrainingError
-
-    config = run.config
     key = device_key(config.device if dist is None else dist.device)
     check_start(run, resume)  # refused here, the run's status is left as it was
-    lock = acquire_device_lock(run.root, key, run.name, os.getpid(), take_over=(os.getppid(),))
-    run._status = read_json(run.status_path, {}) or {}
-    run.update_status(state="running", pid=os.getpid(), pid_started=_create_time(os.getpid()), device=key,
-                      started=time.time(), finished=None, error=None, advice=None, log_tail=None, phase="setup",
-                      world_size=1 if dist is None else dist.world_size)
+    lock = _take_lock(run, key)
     trainer = None
     previous = signal.getsignal(signal.SIGTERM)
 
@@ -241,9 +173,14 @@ def execute_run(run, *, resume=False, responses=True, callbacks=(), dist=None):
             raise SystemExit(128 + signum)
         trainer.request_stop()
 
-    if _in_main_thread():
-        signal.signal(signal.SIGTERM, on_sigterm)
     try:
+        run.clean_temp_files()  # a write a kill interrupted (refused while a launcher's "starting")
+        run._status = run._read_status()
+        run.update_status(state="running", pid=os.getpid(), pid_started=create_time(os.getpid()), device=key,
+                          started=time.time(), finished=None, error=None, advice=None, log_tail=None,
+                          phase="setup", world_size=1 if dist is None else dist.world_size)
+        if _in_main_thread():
+            signal.signal(signal.SIGTERM, on_sigterm)
         trainer, (_, test, _) = build_trainer(config, callbacks=[run.record_event, *callbacks],
                                               checkpoint_path=run.checkpoint_path, stop_file=run.stop_path,
                                               device=None if dist is None else dist.device)
@@ -267,17 +204,25 @@ def execute_run(run, *, resume=False, responses=True, callbacks=(), dist=None):
         run.update_status(state="completed", phase=None, finished=time.time())
         return result
     except TrainingError as exc:
-        run.update_status(state="failed", phase=None, finished=time.time(), error=str(exc).splitlines()[0],
-                          advice=exc.advice)
+        _record_failure(run, str(exc).splitlines()[0], exc.advice)
+        raise
+    except DiskFullError as exc:
+        _record_failure(run, str(exc))
         raise
     except BaseException as exc:
-        run.update_status(state="failed", phase=None, finished=time.time(),
-                          error=f"{type(exc).__name__}: {exc}")
+        _record_failure(run, f"{type(exc).__name__}: {exc}")
         raise
     finally:
-        release_device_lock(lock)
+        lock.release()
         if _in_main_thread():
             signal.signal(signal.SIGTERM, previous)
+
+
+def _record_failure(run, error, advice=None):
+    try:
+        run.update_status(state="failed", phase=None, finished=time.time(), error=error, advice=advice)
+    except OSError:  # the disk is full: status() reports the dead worker with the log's reason
+        pass
 
 
 def _execute_replica(run, resume, dist):
@@ -299,9 +244,12 @@ def _in_main_thread():
 
 
 def _save_final(run, trainer):
-    from .finetuned import save_finetuned
-
     config = trainer.config
+    bad = [name for name, p in trainer.model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingError(f"the trained weights hold NaN or infinite values ({bad[0]} and {len(bad) - 1} more): "
+                            "training diverged; nothing was saved, the last checkpoint is kept",
+                            [f"a lower learning rate (now {config.lr:g})"])
     extra = {"model_name": canonical_model_name(config.model), "prompt_style": config.prompt_style,
              "run": run.name, "weights": config.weights, "random_init": config.weights == "random"}
     paths = save_finetuned(trainer.model, run.model_path, extra=extra)
@@ -310,9 +258,6 @@ def _save_final(run, trainer):
 
 
 def _write_responses(run, trainer, test, callbacks=()):
-    from .generation import generate_responses
-    from .tokenizer import get_tokenizer
-
     def progress(done, total):
         event = {"type": "responses", "time": time.time(), "step": trainer.global_step,
                  "done": done, "total": total}
@@ -320,12 +265,8 @@ def _write_responses(run, trainer, test, callbacks=()):
         for callback in callbacks:
             callback(event)
 
-    model = trainer.model.eval()
-    if trainer.precision == "bf16":
-        # Not in the book: answer with a bf16 copy where bf16 is fast (as the model was trained
-        # under bf16 autocast); half the weight traffic per decoded token.
-        model = copy.deepcopy(model).to(torch.bfloat16)
-    return generate_responses(model, test, get_tokenizer(), prompt_style=trainer.config.prompt_style,
-                              max_new_tokens=trainer.config.response_tokens,
-                              batch_size=max(trainer.config.batch_size, RESPONSE_BATCH),
-                              device=trainer.device, progress=progress, out_path=run.responses_path)
+    # Answer in bf16 where the model trained under bf16 autocast (bf16 is fast here).
+    return answer_entries(trainer.model, test, get_tokenizer(), prompt_style=trainer.config.prompt_style,
+                          max_new_tokens=trainer.config.response_tokens,
+                          batch_size=max(trainer.config.batch_size, RESPONSE_BATCH), device=trainer.device,
+                          precision=trainer.precision, progress=progress, out_path=run.responses_path)

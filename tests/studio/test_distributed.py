@@ -11,12 +11,12 @@ import torch
 from torch.utils.data import BatchSampler, RandomSampler
 
 from sft.batching import create_data_loaders
-from sft.distributed import ShardedBatchSampler, shard_loader, shard_rows
-from sft.runs import Run
-from sft.trainer import TrainConfig
-from sft.worker import build_trainer
+from sft.studio.distributed import ShardedBatchSampler, shard_loader, shard_rows
+from sft.studio.runs import Run
+from sft.studio.config import TrainConfig
+from sft.studio.worker import build_trainer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PAD = 50256
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from sft.config import ConfigError, TrainConfig, TrainingError, oom_advice
+from sft.studio.config import ConfigError, TrainConfig, TrainingError, oom_advice
 
 
 def test_train_config_defaults_are_the_chapters():
@@ -51,3 +51,34 @@ def test_oom_advice_keeps_the_effective_batch():
     assert any("activation_checkpointing" in t for t in tips) and any("'bf16'" in t for t in tips)
     error = TrainingError("out of memory", tips[:1])
     assert error.advice == tips[:1] and str(error).endswith("keeps the effective batch")
+
+
+def test_a_setting_that_contradicts_the_chapter_path_is_an_error():
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.chapter_path(precision="bf16", masked_head_loss=True, epochs=3)
+    assert err.value.problems == [
+        "precision='bf16' contradicts the chapter's exact computation (precision='fp32')",
+        "masked_head_loss=True contradicts the chapter's exact computation (masked_head_loss=False)"]
+    assert TrainConfig.chapter_path(precision="fp32", epochs=3).epochs == 3  # agreeing is fine
+
+
+def test_the_tiny_models_preset_applies_unless_given():
+    assert TrainConfig.from_settings(model="tiny").weights == "random"
+    assert TrainConfig.from_settings(model="gpt2-small (124M)").weights == "openai"
+    with pytest.raises(ConfigError, match="has no pretrained weights"):
+        TrainConfig.from_settings(model="tiny", weights="hf").validate()
+
+
+def test_masked_head_needs_the_fast_kernels():
+    with pytest.raises(ConfigError, match="masked_head_loss needs fast_kernels"):
+        TrainConfig(fast_kernels=False, masked_head_loss=True).validate()
+
+
+def test_unreadable_config_json_is_a_config_error(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        TrainConfig.load(path)
+    path.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="expected a JSON object, got list"):
+        TrainConfig.load(path)

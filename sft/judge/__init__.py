@@ -3,9 +3,9 @@
 The chapter's ``query_model``, ``check_if_running`` and ``generate_model_scores`` keep their
 signatures and defaults (Llama 3, seed 123, temperature 0, num_ctx 2048, the chapter's prompt).
 Not in the book: robust reply parsing that keeps unparsed replies, a resumable score store,
-bounded concurrency, and a ``python -m sft judge`` CLI. The HTTP clients (time-outs, retries,
-errors that say what to do, the health check, the OpenAI-compatible backend) live in
-``sft.judge_client`` and are re-exported here; statistics live in ``sft.judge_stats``.
+and bounded concurrency. The HTTP clients (time-outs, retries, errors that say what to do, the
+health check, the OpenAI-compatible backend) live in ``sft.judge.client`` and statistics in
+``sft.judge.stats``; both are re-exported here. ``python -m sft judge`` is ``sft.cli.judge``.
 """
 import hashlib
 import json
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 
-from sft.judge_client import (  # noqa: F401 (re-exported: `from sft.judge import OllamaClient` works)
+from .client import (  # noqa: F401 (re-exported: `from sft.judge import OllamaClient` works)
     DEFAULT_TIMEOUT,
     OLLAMA_URL,
     OPENAI_URL,
@@ -34,8 +34,8 @@ from sft.judge_client import (  # noqa: F401 (re-exported: `from sft.judge impor
     model_available,
     ollama_status,
 )
-from sft.judge_stats import ScoreStore, parse_score  # noqa: F401 (parse_score is re-exported)
-from sft.prompts import format_input
+from ..prompts import format_input
+from .stats import ScoreStore, parse_score  # noqa: F401 (parse_score is re-exported)
 
 # ---------------------------------------------------------------------------------------------
 # The chapter's functions
@@ -71,7 +71,7 @@ def judge_prompt(entry, json_key):
     )
 
 
-def _prompts(json_data, json_key):
+def judge_prompts(json_data, json_key):
     """All prompts up front, so a bad entry fails before any judge time is spent."""
     if not isinstance(json_data, (list, tuple)):
         raise ValueError(f"expected a list of entries, got {type(json_data).__name__}")
@@ -101,7 +101,7 @@ def scored_records(json_data, json_key, store, judge):
     in entry order, None where an entry has not been scored yet; nothing is asked."""
     name = getattr(judge, "name", judge)
     stored = (store if isinstance(store, ScoreStore) else ScoreStore(store)).load()
-    return [stored.get(k) for k in _record_keys(_prompts(json_data, json_key), name)]
+    return [stored.get(k) for k in _record_keys(judge_prompts(json_data, json_key), name)]
 
 
 def score_responses(json_data, json_key, model="llama3", *, url=OLLAMA_URL, client=None, store=None,
@@ -119,7 +119,7 @@ def score_responses(json_data, json_key, model="llama3", *, url=OLLAMA_URL, clie
     if not 1 <= int(concurrency) <= 32:
         raise ValueError(f"concurrency must be between 1 and 32, got {concurrency}")
     client = client or OllamaClient(model, url)
-    prompts = _prompts(json_data, json_key)
+    prompts = judge_prompts(json_data, json_key)
     keys = _record_keys(prompts, client.name)
     store = ScoreStore(store) if store is not None and not isinstance(store, ScoreStore) else store
     stored = store.load() if store is not None else {}
@@ -218,28 +218,7 @@ def generate_model_scores(json_data, json_key, model="llama3", *, url=OLLAMA_URL
 
 
 # ---------------------------------------------------------------------------------------------
-# `python -m sft judge`
-
-
-def add_cli_arguments(parser):
-    """Arguments of the `judge` subcommand."""
-    parser.add_argument("input", help="JSON array (or JSONL) of entries with instruction, input, output "
-                                      "and the response to score")
-    parser.add_argument("--key", default="model_response", help="entry field holding the response to score")
-    parser.add_argument("--model", default="llama3", help="judge model, as the server names it")
-    parser.add_argument("--backend", choices=("ollama", "openai"), default="ollama",
-                        help="the server's API: Ollama's /api/chat, or an OpenAI-compatible /v1/chat/completions "
-                             "(llama.cpp server, vLLM, hosted APIs)")
-    parser.add_argument("--url", default=None, help=f"server URL (default: {OLLAMA_URL} for ollama, "
-                                                    f"{OPENAI_URL} for openai)")
-    parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
-                        help="environment variable holding the key for --backend openai")
-    parser.add_argument("--out", default=None, help="scores file (JSONL), resumed if it exists "
-                                                    "(default: <input>.<key>.scores.jsonl)")
-    parser.add_argument("--concurrency", type=int, default=1, help="questions in flight at once")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT[1], help="seconds to wait for a reply")
-    parser.add_argument("--retries", type=int, default=3, help="retries on connection errors and HTTP 5xx")
-    return parser
+# Reading answers to score
 
 
 def load_entries(source, *, name=None):
@@ -282,48 +261,3 @@ def response_keys(entries):
         return []
     return [k for k in entries[0] if k not in ("instruction", "input", "output")
             and all(isinstance(e.get(k), str) for e in entries)]
-
-
-def cli_main(args):
-    """Run the `judge` subcommand; -> exit status (0 ok, 1 judge failed, 2 bad input)."""
-    from tqdm import tqdm
-
-    from sft.judge_stats import summarize_scores
-
-    try:
-        entries = load_entries(args.input)
-        _prompts(entries, args.key)
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    extra = {"api_key_env": args.api_key_env} if args.backend == "openai" else {}
-    client = make_client(args.backend, args.model, args.url, timeout=args.timeout, retries=args.retries, **extra)
-    status = client.status()
-    if not status.reachable:
-        print(f"error: {status.error}", file=sys.stderr)
-        return 1
-    if not status.has_model(args.model):
-        hint = f"run `ollama pull {args.model}`" if args.backend == "ollama" else "pick one the server lists"
-        print(f"warning: {status.url} lists no model '{args.model}' ({hint}); trying anyway", file=sys.stderr)
-    out = Path(args.out) if args.out else default_scores_path(args.input, args.key)
-    print(f"Judge: {client.name}\nScores file: {out}")
-    with tqdm(total=len(entries), desc="Scoring entries") as bar:
-        try:
-            records = score_responses(entries, args.key, client=client, store=out, concurrency=args.concurrency,
-                                      progress=lambda done, total: bar.update(done - bar.n))
-        except (JudgeError, ValueError) as exc:
-            bar.close()
-            print(f"error: {exc}", *getattr(exc, "__notes__", ()), sep="\n", file=sys.stderr)
-            return 1
-    s = summarize_scores([r["score"] for r in records])
-    print(f"Number of scores: {s['n']} of {s['total']}")
-    if s["n"]:
-        print(f"Average score: {s['mean']:.2f} (median {s['median']:g}, "
-              f"95% bootstrap interval {s['ci_low']:.2f} to {s['ci_high']:.2f})")
-    if s["unparsed"]:
-        print(f"Unparsed replies: {s['unparsed']} (kept with their raw text in {out})")
-    edges, counts = s["histogram"]["edges"], s["histogram"]["counts"]
-    scale = 40 / max(max(counts), 40)  # bars at most 40 characters wide
-    for lo, hi, c in zip(edges, edges[1:], counts):
-        print(f"{lo:4.0f}-{hi:<4.0f}{'#' * round(c * scale)} {c}")
-    return 0
