@@ -14,7 +14,7 @@ from safetensors import safe_open
 from sft.export import chat_template, export_gguf, export_hf, export_model, ollama_template, render_prompt
 from sft.export.modelfile import ollama_name
 from sft.export.vocab import gpt2_bpe, gpt2_vocab
-from sft.generation import generate_batch
+from sft.fast.decode import generate_batch
 from sft.model import GPTModel, model_config
 from sft.prompts import PromptStyle, get_prompt_style
 

@@ -1,13 +1,13 @@
-"""What the HF and GGUF exports share: atomic files, the folder check, the provenance record."""
-import contextlib
+"""What the HF and GGUF exports share: the folder check, the provenance record (files are written
+atomically by ``sft.studio.files``)."""
 import json
 import os
-import uuid
 from datetime import datetime, timezone
 
 import torch
 
 from ..prompts import get_prompt_style
+from ..studio.files import atomic_write_json, atomic_write_text
 from ..tokenizer import EOT_ID
 from .templates import chat_template
 
@@ -15,36 +15,12 @@ PROVENANCE_FILE = "sft-export.json"  # also marks a folder as one of our exports
 GPT2_VOCAB_SIZE = EOT_ID + 1  # the exported tokenizer is GPT-2's, so the model must match it
 
 
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path in ``path``'s folder; on success it replaces ``path`` at once.
-
-    A reader (or a crash) never sees a half-written file: os.replace is atomic on one file
-    system, which the same folder guarantees. On an error the temporary file is removed.
-    """
-    path = os.fspath(path)
-    folder, base = os.path.split(os.path.abspath(path))
-    # A fresh name, not yet created, so the writer (safetensors, gguf, open) makes the file with
-    # the usual permissions (mkstemp's would be private, 0600).
-    tmp = os.path.join(folder, f".{base}.{uuid.uuid4().hex}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
 def write_text(path, text):
-    with atomic_path(path) as tmp:
-        with open(tmp, "x", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-    return os.fspath(path)
+    return os.fspath(atomic_write_text(path, text))
 
 
 def write_json(path, data):
-    return write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    return os.fspath(atomic_write_json(path, data))
 
 
 def read_record(folder):

@@ -25,8 +25,9 @@ import os
 import numpy as np
 
 from ..prompts import get_prompt_style
+from ..studio.files import atomic_path
 from ..tokenizer import EOT_ID
-from .common import (PROVENANCE_FILE, atomic_path, check_target, fp32, head_is_tied, model_cfg, qkv_bias,
+from .common import (PROVENANCE_FILE, check_target, fp32, head_is_tied, model_cfg, qkv_bias,
                      write_record, write_text)
 from .modelfile import MODELFILE, modelfile_text, ollama_commands, ollama_name
 from .templates import chat_template

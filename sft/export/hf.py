@@ -18,8 +18,9 @@ import os
 
 import torch
 
+from ..studio.files import atomic_path
 from ..tokenizer import ENDOFTEXT, EOT_ID
-from .common import (atomic_path, check_target, fp32, head_is_tied, model_cfg, qkv_bias, write_json,
+from .common import (check_target, fp32, head_is_tied, model_cfg, qkv_bias, write_json,
                      write_record, write_text)
 from .templates import chat_template
 from .vocab import gpt2_bpe, gpt2_vocab

@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 TEMP_SUFFIX = ".tmp"
@@ -40,17 +41,16 @@ def temp_path(path):
     return Path(tmp)
 
 
-def atomic_write(path, write, *, durable=False):
-    """``write(tmp_path)`` then rename over ``path``; on any failure the old ``path`` is untouched.
-
-    ``write`` is any function that writes a file at the path it is given (``torch.save``,
-    ``safetensors.torch.save_file``, ...). A full disk raises ``DiskFullError`` naming the folder.
-    ``durable`` also flushes the data to the disk before the rename (survives a power cut, not
-    only a killed process): for checkpoints and weights, not for status files written every step.
-    """
+@contextmanager
+def atomic_path(path, *, durable=False):
+    """Yield a temp path beside ``path``; when the block ends without an error, the file written
+    there replaces ``path`` at once (on any failure the old ``path`` is untouched and the temp file
+    removed). A full disk raises ``DiskFullError`` naming the folder. ``durable`` also flushes the
+    data to the disk before the rename (survives a power cut, not only a killed process): for
+    checkpoints and weights, not for status files written every step."""
     tmp = temp_path(path)
     try:
-        write(tmp)
+        yield tmp
         if durable:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
@@ -62,6 +62,13 @@ def atomic_write(path, write, *, durable=False):
         if full is not None:
             raise full from exc
         raise
+
+
+def atomic_write(path, write, *, durable=False):
+    """``write(tmp_path)`` then rename over ``path`` (see ``atomic_path``); ``write`` is any function
+    that writes a file at the path it is given (``torch.save``, ``safetensors.torch.save_file``, ...)."""
+    with atomic_path(path, durable=durable) as tmp:
+        write(tmp)
     return Path(path)
 
 
