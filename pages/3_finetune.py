@@ -6,7 +6,7 @@ from sft.studio.config import ConfigError, TrainConfig
 from sft.studio.hardware import device_key
 from sft.studio.locks import DeviceBusyError, holder
 from sft.studio.runs import ACTIVE_STATES, Run, RunError
-from sft.studio.worker import launch_worker, resume_worker
+from sft.studio.worker import launch_worker
 from sft.weights import weights_available
 from ui import figures, loaders, state
 from ui.widgets import reset_settings, setting_input
@@ -147,10 +147,12 @@ def live(name):
         if st.button("Stop (keeps the checkpoint)", key="ft_stop"):
             run.request_stop()
             st.rerun()
-    elif state_ in ("stopped", "failed") and run.has_checkpoint:
-        if st.button("Resume from the checkpoint", key="ft_resume"):
+    elif state_ in ("stopped", "failed"):
+        # a checkpoint: go on from it; none (killed before its first): start again from step 0
+        label = "Resume from the checkpoint" if run.has_checkpoint else "Start again from step 0"
+        if st.button(label, key="ft_resume"):
             try:
-                resume_worker(run)
+                launch_worker(run, resume=run.has_checkpoint)
             except (RunError, DeviceBusyError) as exc:
                 st.error(str(exc))
             else:

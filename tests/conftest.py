@@ -2,6 +2,7 @@
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,18 +17,10 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # `from helpers import
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-@pytest.fixture(scope="session", autouse=True)
-def machine_lock_dir(tmp_path_factory):
-    """Device locks belong to the machine (~/.cache/sft-studio/locks); tests, and the workers and app
-    servers they start, use a folder of their own so they never meet a real training's lock."""
-    path = tmp_path_factory.mktemp("locks")
-    before = os.environ.get("SFT_LOCK_DIR")
-    os.environ["SFT_LOCK_DIR"] = str(path)
-    yield path
-    if before is None:
-        os.environ.pop("SFT_LOCK_DIR", None)
-    else:
-        os.environ["SFT_LOCK_DIR"] = before
+# Device locks belong to the machine (~/.cache/sft-studio/locks). Tests, and the workers and app
+# servers they start, use a folder of their own, set before any test module copies os.environ,
+# so they never meet a real training's lock (or another test session's).
+os.environ["SFT_LOCK_DIR"] = tempfile.mkdtemp(prefix="sft-test-locks-")
 
 # The book's --test_mode model: one layer, 12-dimensional embeddings, runs in milliseconds.
 TINY_CFG = {

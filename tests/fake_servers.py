@@ -157,9 +157,10 @@ class _FakeServer(ThreadingHTTPServer):
 class FakeOllama(_FakeServer):
     """/api/chat (streamed NDJSON, or one object with "stream": false), /api/tags, /api/version."""
 
-    def __init__(self, *, split=None, inject_line=None, drop_done=False, **kwargs):
+    def __init__(self, *, split=None, inject_line=None, drop_done=False, trickle=None, **kwargs):
         super().__init__(**kwargs)
         self.split, self.inject_line, self.drop_done = split, inject_line, drop_done
+        self.trickle, self.trickled = trickle, 0  # (seconds between lines, lines): a reply that never ends
 
     @property
     def url(self):
@@ -183,6 +184,8 @@ class FakeOllama(_FakeServer):
         content = self.reply(body["messages"][-1]["content"], model)
         self._mark_served()
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
+        if self.trickle:
+            return self._send_trickle(h, model, stamp)
         if body.get("stream") is False:
             return h.send_json(200, {"model": model, "created_at": stamp, "done": True,
                                      "message": {"role": "assistant", "content": content}})
@@ -200,6 +203,25 @@ class FakeOllama(_FakeServer):
             raw = [data[i:i + self.split] for i in range(0, len(data), self.split)]
         pause = self.delay if self.delay_in_stream else 0.0
         h.send_chunked(raw, "application/x-ndjson", pause_after_first=pause)
+
+
+    def _send_trickle(self, h, model, stamp):
+        """One line every ``trickle[0]`` seconds, ``trickle[1]`` of them, never "done"."""
+        pause, count = self.trickle
+        h.send_response(200)
+        h.send_header("Content-Type", "application/x-ndjson")
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        line = json.dumps({"model": model, "created_at": stamp, "message": {"role": "assistant", "content": "8"},
+                           "done": False}).encode() + b"\n"
+        try:
+            for _ in range(count):
+                h.wfile.write(f"{len(line):x}\r\n".encode() + line + b"\r\n")
+                h.wfile.flush()
+                self.trickled += 1
+                time.sleep(pause)
+        except (BrokenPipeError, ConnectionResetError):
+            return  # the client gave up: what the deadline is for
 
 
 class FakeOpenAI(_FakeServer):

@@ -224,7 +224,8 @@ def test_records_carry_the_item_and_the_judge(ollama, entries):
     assert {k: r[k] for k in ("index", "instruction", "input", "output", "response", "score", "raw", "json_key")} == {
         "index": 1, "instruction": entries[1]["instruction"], "input": "", "output": entries[1]["output"],
         "response": entries[1]["model_response"], "score": 85, "raw": "85", "json_key": "model_response"}
-    assert r["judge"] == f"ollama:llama3@{ollama.url}"
+    assert r["judge"] == 'ollama:llama3 {"num_ctx": 2048, "seed": 123, "temperature": 0}'  # not the URL
+    assert r["url"] == ollama.url
 
 
 def test_bad_entries_fail_before_asking(ollama, entries):
@@ -552,7 +553,7 @@ def test_scored_records_read_the_store_without_asking(ollama, entries, tmp_path)
     assert scored_records(entries, "model_response", store, client) == [None] * 6
     score_responses(entries[:2], "model_response", client=client, store=store)
     ollama.requests.clear()
-    got = scored_records(entries, "model_response", store, client.name)
+    got = scored_records(entries, "model_response", store, client.identity)
     assert [r and r["score"] for r in got] == [85, 85, None, None, None, None]
     assert got[0]["response"] == entries[0]["model_response"]
     other = OllamaClient("phi3", ollama.url)  # another judge's scores are not these
@@ -566,3 +567,67 @@ def test_score_figures():
     assert list(bars.x)[:2] == [5.0, 15.0] and list(bars.y) == [1, 2, 0, 0, 0, 0, 0, 0, 0, 1]
     points = plot_score_pairs([10, None, 30], [20, 50, 40], "GPT-4", "Llama 3").data[0]
     assert (list(points.x), list(points.y)) == ([10.0, 30.0], [20.0, 40.0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reliability (issue 11): deadline, identity, unparsed replies, ASCII digits, nested JSON
+
+
+def test_a_reply_that_never_ends_hits_the_total_deadline():
+    """A server sending a line every 0.2 s and never "done": the read time-out (1 s) never trips,
+    the deadline (1.5 s for the whole reply) does, long before the 100 lines it would send."""
+    with FakeOllama(trickle=(0.2, 100)) as srv:
+        client = OllamaClient("llama3", srv.url, timeout=(1.0, 1.0), deadline=1.5, **FAST)
+        with pytest.raises(JudgeTimeoutError, match="did not finish its reply within 1.5 s"):
+            client.chat("Score this")
+        assert srv.trickled < 30  # stopped listening well before the end of the stream
+
+
+def test_localhost_and_127_0_0_1_are_the_same_judge(ollama, entries, tmp_path):
+    store = tmp_path / "scores.jsonl"
+    score_responses(entries[:3], "model_response", client=OllamaClient("llama3", ollama.url, **FAST), store=store)
+    asked = len(ollama.chat_requests)
+    other_spelling = ollama.url.replace("127.0.0.1", "localhost")
+    records = score_responses(entries[:3], "model_response", client=OllamaClient("llama3", other_spelling, **FAST),
+                              store=store)
+    assert len(ollama.chat_requests) == asked == 3 and [r["score"] for r in records] == [85, 85, 85]
+    changed = OllamaClient("llama3", ollama.url, options={"seed": 7, "temperature": 0, "num_ctx": 2048}, **FAST)
+    score_responses(entries[:3], "model_response", client=changed, store=store)
+    assert len(ollama.chat_requests) == 6  # other settings: another judge, asked again
+
+
+def test_unparsed_replies_can_be_asked_again(ollama, entries, tmp_path):
+    store = tmp_path / "scores.jsonl"
+    ollama.reply = lambda prompt, model: "150"  # out of range: no valid score
+    client = OllamaClient("llama3", ollama.url, **FAST)
+    records = score_responses(entries[:2], "model_response", client=client, store=store)
+    assert [r["score"] for r in records] == [None, None] and [r["raw"] for r in records] == ["150", "150"]
+    ollama.reply = lambda prompt, model: "70"
+    assert [r["score"] for r in score_responses(entries[:2], "model_response", client=client, store=store)] == \
+        [None, None]  # kept as final unless asked
+    assert len(ollama.chat_requests) == 2
+    again = score_responses(entries[:2], "model_response", client=client, store=store, retry_unparsed=True)
+    assert [r["score"] for r in again] == [70, 70] and len(ollama.chat_requests) == 4
+    assert [r and r["score"] for r in scored_records(entries[:2], "model_response", store, client)] == [70, 70]
+
+
+def test_scores_are_ascii_digits_only():
+    assert parse_score("९०") is None and parse_score("٩٠") is None and parse_score("Score: ９０") is None
+    assert parse_score("90") == 90 and parse_score("Score: 90/100") == 90
+
+
+def test_deeply_nested_answers_file_is_a_clear_error(tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=r"deep\.json: not valid JSON \(nested too deeply\)"):
+        load_entries(deep)
+    deep.write_text("{" + '"a":' * 0 + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(ValueError, match=r"deep\.json, line 1: not valid JSON"):
+        load_entries(deep)
+
+
+def test_cli_judge_on_nested_json_says_so(capsys, tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    assert run_cli(deep) == 2
+    assert "nested too deeply" in capsys.readouterr().err

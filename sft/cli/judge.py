@@ -25,6 +25,8 @@ def add_arguments(parser):
     parser.add_argument("--concurrency", type=int, default=1, help="questions in flight at once")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT[1], help="seconds to wait for a reply")
     parser.add_argument("--retries", type=int, default=3, help="retries on connection errors and HTTP 5xx")
+    parser.add_argument("--retry-unparsed", action="store_true",
+                        help="ask again the items whose stored reply held no score 0..100")
     return parser
 
 
@@ -52,6 +54,7 @@ def run(args):
     with tqdm(total=len(entries), desc="Scoring entries") as bar:
         try:
             records = score_responses(entries, args.key, client=client, store=out, concurrency=args.concurrency,
+                                      retry_unparsed=args.retry_unparsed,
                                       progress=lambda done, total: bar.update(done - bar.n))
         except (JudgeError, ValueError) as exc:
             bar.close()

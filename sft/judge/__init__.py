@@ -97,40 +97,43 @@ def _record_keys(prompts, judge):
 
 
 def scored_records(json_data, json_key, store, judge):
-    """Records already in ``store`` for these entries and this judge (a client or its ``.name``),
-    in entry order, None where an entry has not been scored yet; nothing is asked."""
-    name = getattr(judge, "name", judge)
+    """Records already in ``store`` for these entries and this judge (a client, or its
+    ``.identity``), in entry order, None where an entry has not been scored yet; nothing is asked."""
+    identity = getattr(judge, "identity", judge)
     stored = (store if isinstance(store, ScoreStore) else ScoreStore(store)).load()
-    return [stored.get(k) for k in _record_keys(judge_prompts(json_data, json_key), name)]
+    return [stored.get(k) for k in _record_keys(judge_prompts(json_data, json_key), identity)]
 
 
 def score_responses(json_data, json_key, model="llama3", *, url=OLLAMA_URL, client=None, store=None,
-                    concurrency=1, progress=None, on_record=None):
+                    concurrency=1, progress=None, on_record=None, retry_unparsed=False):
     """Score ``entry[json_key]`` for every entry; -> one record per entry, in order:
-    {index, key, judge, json_key, instruction, input, output, response, score, raw}.
+    {index, key, judge, url, json_key, instruction, input, output, response, score, raw}.
 
     ``score`` is None when the reply holds no 0..100 score (``raw`` keeps the reply). With
     ``store`` (a JSONL path) each record is appended as it arrives and records already there for
-    the same entry, prompt and judge are reused, so an interrupted run resumes without asking
-    again. ``concurrency`` > 1 asks that many questions at once. ``progress(done, total)`` and
-    ``on_record(record)`` are called from the calling thread. If the judge fails, the exception
-    is raised after the records obtained are stored; they are also on ``exc.records``.
+    the same entry, prompt and judge (backend, model and settings: not the URL's spelling) are
+    reused, so an interrupted run resumes without asking again; ``retry_unparsed`` asks again
+    the items whose stored reply held no score. ``concurrency`` > 1 asks that many questions at
+    once. ``progress(done, total)`` and ``on_record(record)`` are called from the calling
+    thread. If the judge fails, the exception is raised after the records obtained are stored;
+    they are also on ``exc.records``.
     """
     if not 1 <= int(concurrency) <= 32:
         raise ValueError(f"concurrency must be between 1 and 32, got {concurrency}")
     client = client or OllamaClient(model, url)
     prompts = judge_prompts(json_data, json_key)
-    keys = _record_keys(prompts, client.name)
+    keys = _record_keys(prompts, client.identity)
     store = ScoreStore(store) if store is not None and not isinstance(store, ScoreStore) else store
     stored = store.load() if store is not None else {}
     total = len(prompts)
-    results = {i: stored[k] for i, k in enumerate(keys) if k in stored}
+    results = {i: stored[k] for i, k in enumerate(keys)
+               if k in stored and not (retry_unparsed and stored[k].get("score") is None)}
     if progress:
         progress(len(results), total)
 
     def ask(i):
         entry, raw = json_data[i], client.chat(prompts[i])
-        return {"index": i, "key": keys[i], "judge": client.name, "json_key": json_key,
+        return {"index": i, "key": keys[i], "judge": client.identity, "url": client.url, "json_key": json_key,
                 "instruction": entry["instruction"], "input": entry.get("input", ""),
                 "output": entry["output"], "response": entry[json_key],
                 "score": parse_score(raw), "raw": raw}
@@ -237,6 +240,8 @@ def load_entries(source, *, name=None):
             return json.loads(text)
         except ValueError as exc:
             raise ValueError(f"{name}: not valid JSON ({exc})") from None
+        except RecursionError:
+            raise ValueError(f"{name}: not valid JSON (nested too deeply)") from None
     entries = []
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
@@ -244,6 +249,8 @@ def load_entries(source, *, name=None):
                 entries.append(json.loads(line))
             except ValueError as exc:
                 raise ValueError(f"{name}, line {n}: not valid JSON ({exc})") from None
+            except RecursionError:
+                raise ValueError(f"{name}, line {n}: not valid JSON (nested too deeply)") from None
     return entries
 
 

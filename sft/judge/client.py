@@ -99,17 +99,42 @@ class ServerStatus:
 class _Client:
     backend = ""
 
-    def __init__(self, model, url, *, timeout=DEFAULT_TIMEOUT, retries=3, backoff=0.5):
+    def __init__(self, model, url, *, timeout=DEFAULT_TIMEOUT, retries=3, backoff=0.5, deadline=None):
         self.model, self.url = model, url
         self.timeout = timeout if isinstance(timeout, tuple) else (min(5.0, timeout), timeout)
         if retries < 0 or backoff < 0:
             raise ValueError(f"retries and backoff must be >= 0, got retries={retries}, backoff={backoff}")
         self.retries, self.backoff = retries, backoff
+        # The whole reply must arrive within this many seconds (the read time-out bounds each wait
+        # between bytes only: a server trickling a line every second would never trip it).
+        self.deadline = float(self.timeout[1] if deadline is None else deadline)
         self._local = threading.local()  # one requests.Session per thread (sessions are not thread-safe)
 
     @property
     def name(self):
+        """Where the judge answers, for people: backend, model and URL."""
         return f"{self.backend}:{self.model}@{self.url}"
+
+    @property
+    def identity(self):
+        """Which judge gave a score: backend, model and its sampling settings, not the URL's spelling
+        (localhost and 127.0.0.1 are the same judge; a score is reused whichever was typed)."""
+        return f"{self.backend}:{self.model} {json.dumps(self._settings(), sort_keys=True)}"
+
+    def _settings(self):
+        return {}
+
+    def _lines(self, resp, url):
+        """The reply's lines as they arrive, within the deadline."""
+        end, buffer = time.monotonic() + self.deadline, b""
+        for chunk in resp.iter_content(chunk_size=4096):
+            if time.monotonic() > end:
+                raise self._timed_out(url, total=True)
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            yield from lines
+        if buffer:
+            yield buffer
 
     def _session(self):
         if getattr(self._local, "session", None) is None:
@@ -121,7 +146,11 @@ class _Client:
     def _unavailable(self):
         raise NotImplementedError
 
-    def _timed_out(self, url):
+    def _timed_out(self, url, total=False):
+        if total:
+            return JudgeTimeoutError(
+                f"The judge at {url} kept sending but did not finish its reply within {self.deadline:g} s; "
+                f"raise the time-out (timeout=, --timeout) or check the server.")
         return JudgeTimeoutError(
             f"The judge at {url} did not answer within {self.timeout[1]:g} s: the model may still be "
             f"loading or the server is busy. Raise the time-out (timeout=, --timeout) or try again."
@@ -190,14 +219,17 @@ class OllamaClient(_Client):
             )
         return super()._http_error(resp, url)
 
+    def _settings(self):
+        return self.options
+
     def chat(self, prompt):
         data = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "options": self.options}
         return self._request("POST", self.url, self._read_stream, json=data, stream=True)
 
     def _read_stream(self, resp):
-        # Ollama streams one JSON object per line; iter_lines joins lines split across chunks.
+        # Ollama streams one JSON object per line; lines split across chunks are joined.
         parts = []
-        for n, line in enumerate(resp.iter_lines(), 1):
+        for n, line in enumerate(self._lines(resp, self.url), 1):
             if not line.strip():
                 continue
             try:
@@ -268,17 +300,21 @@ class OpenAIClient(_Client):
                 f"Use a model it lists (GET {self.root}/v1/models).")
         return super()._http_error(resp, url)
 
+    def _settings(self):
+        return {"temperature": self.temperature, "seed": self.seed}
+
     def chat(self, prompt):
         data = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
                 "temperature": self.temperature, "seed": self.seed, "stream": False}
-        return self._request("POST", self.url, self._read_reply, json=data, headers=self._headers())
+        return self._request("POST", self.url, self._read_reply, json=data, headers=self._headers(), stream=True)
 
     def _read_reply(self, resp):
+        body = b"\n".join(self._lines(resp, self.url))
         try:
-            return resp.json()["choices"][0]["message"]["content"] or ""
-        except (ValueError, KeyError, IndexError, TypeError):
+            return json.loads(body)["choices"][0]["message"]["content"] or ""
+        except (ValueError, KeyError, IndexError, TypeError, RecursionError):
             raise MalformedResponseError(
-                f"The reply from {self.url} is not a chat completion: {resp.text[:200]!r}") from None
+                f"The reply from {self.url} is not a chat completion: {body[:200]!r}") from None
 
     def status(self, *, timeout=2.0):
         url = self.root + "/v1/models"

@@ -16,15 +16,16 @@ import numpy as np
 # ---------------------------------------------------------------------------------------------
 # Parsing a judge's reply
 
+# ASCII digits only (re.ASCII): "९०" (Devanagari) or "٩٠" is not the judge writing "90".
 _MARKUP = re.compile(r"[*_`#>]")  # markdown emphasis and quoting around the number
 _NUMBER = r"[-+]?\d+(?:\.\d+)?"
 # "85/100", "85 / 100", "85 out of 100"
-_OUT_OF_100 = re.compile(rf"(?<![\w.])({_NUMBER})\s*(?:/|out\s+of)\s*100\b", re.IGNORECASE)
+_OUT_OF_100 = re.compile(rf"(?<![\w.])({_NUMBER})\s*(?:/|out\s+of)\s*100\b", re.IGNORECASE | re.ASCII)
 # "Score: 85", "score is 85", "I would score it 85", "rating of 85"
 # "8/10", "4 out of 5": another scale, so the number is not a 0..100 score
-_OTHER_SCALE = re.compile(rf"{_NUMBER}\s*(?:/|out\s+of)\s*(?!100\b)\d+", re.IGNORECASE)
-_LABELLED = re.compile(rf"\b(?:score|rating|grade)\b\D{{0,20}}?({_NUMBER})", re.IGNORECASE)
-_ANY = re.compile(rf"(?<![\w.])({_NUMBER})(?![\w])")
+_OTHER_SCALE = re.compile(rf"{_NUMBER}\s*(?:/|out\s+of)\s*(?!100\b)\d+", re.IGNORECASE | re.ASCII)
+_LABELLED = re.compile(rf"\b(?:score|rating|grade)\b\D{{0,20}}?({_NUMBER})", re.IGNORECASE | re.ASCII)
+_ANY = re.compile(rf"(?<![\w.])({_NUMBER})(?![\w])", re.ASCII)
 
 
 def _to_score(text):
@@ -43,7 +44,7 @@ def parse_score(text):
     if text is None:
         return None
     clean = _MARKUP.sub("", str(text)).strip().rstrip(".!").strip()
-    if re.fullmatch(_NUMBER + r"\s*%?", clean):
+    if re.fullmatch(_NUMBER + r"\s*%?", clean, re.ASCII):
         return _to_score(clean.rstrip("%").strip())
     match = _OUT_OF_100.search(clean)
     if match:

@@ -87,7 +87,8 @@ def save_checkpoint(path, state):
     path = Path(path)
 
     def write(tmp):
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:  # closed on any error, so a failed write gives its space back at once
+            torch.save(state, f)
         if path.is_file():
             os.replace(path, path.with_name(PREVIOUS_NAME))
 

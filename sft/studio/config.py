@@ -62,8 +62,9 @@ CHAPTER_SETTINGS = {"precision": "fp32", "fast_kernels": False, "masked_head_los
                     "group_by_length": False, "tf32": False, "fused_adamw": False, "compile": False,
                     "grad_accum_steps": 1}
 
-# Settings a model brings unless they are given: the tiny random model has no pretrained weights.
-MODEL_PRESETS = {TINY_NAME: {"weights": "random"}}
+# Settings a model brings unless they are given: the tiny random model has no pretrained weights,
+# and its context is 256 tokens.
+MODEL_PRESETS = {TINY_NAME: {"weights": "random", "allowed_max_length": 256}}
 
 
 def _prompt_styles():
@@ -134,6 +135,9 @@ class TrainConfig:
     num_workers: int = setting(0, "DataLoader worker processes", group="speed", low=0, high=64)
     checkpoint_every: int | None = setting(None, "also checkpoint every N optimizer steps (always at each epoch "
                                            "end and on stop)", group="checkpoints", low=1)
+    checkpoint_minutes: float | None = setting(5.0, "also checkpoint after this many minutes of training since the "
+                                               "last checkpoint, so a crash loses at most that much work",
+                                               group="checkpoints", low=0.0)
 
     # ------------------------------------------------------------------ building
     @classmethod

@@ -12,6 +12,8 @@ A leaf module: it imports nothing of ours.
 import errno
 import json
 import os
+import re
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,14 +23,27 @@ FILE_MODE = 0o644
 
 
 class DiskFullError(OSError):
-    """No space left on the device holding ``path``; the message says where."""
+    """No space left on the device holding a file; the message says where."""
+
+    def __init__(self, message):
+        super().__init__(message)
+        self.errno = errno.ENOSPC
 
 
-def _disk_full(exc, path):
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        folder = os.path.dirname(os.path.abspath(path))
-        return DiskFullError(exc.errno, f"disk full: no space left to write {path} (in {folder}); "
-                                        "free some space there and try again")
+def _disk_full(exc, path, probe=False):
+    """A DiskFullError for ``exc`` if it means the disk is full, else None. Writers that wrap the
+    OS error (torch.save's zip writer raises RuntimeError "file write failed") are caught with
+    ``probe``: the file system holding ``path`` is asked whether any space is left."""
+    folder = os.path.dirname(os.path.abspath(path))
+    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not full and probe and isinstance(exc, (OSError, RuntimeError)):
+        try:
+            full = shutil.disk_usage(folder).free < (1 << 20)
+        except OSError:
+            pass
+    if full:
+        return DiskFullError(f"disk full: no space left to write {path} (in {folder}); "
+                             "free some space there and try again")
     return None
 
 
@@ -57,8 +72,8 @@ def atomic_path(path, *, durable=False):
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException as exc:
+        full = _disk_full(exc, path, probe=True)  # before the temp file gives its space back
         tmp.unlink(missing_ok=True)
-        full = _disk_full(exc, path)
         if full is not None:
             raise full from exc
         raise
@@ -134,16 +149,20 @@ def read_jsonl(path):
     return out
 
 
+# Temp files of writes that never finished: ours (".<name>.<random>.tmp"), and those of earlier
+# versions of SFT Studio ("<name>.tmp<pid>").
+_TEMP_NAME = re.compile(r"\..+\.tmp|.+\.tmp\d+")
+
+
 def remove_temp_files(folder, *, recursive=True):
-    """Delete temp files of writes that never finished (``.<name>.*.tmp``) under ``folder``;
-    returns their paths. Call it only where no write is in flight (a run folder with no worker)."""
+    """Delete the temp files of writes a kill or a full disk interrupted under ``folder``; returns
+    their paths. Call it only where no write is in flight (a run folder with no worker)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    pattern = "**/.*" + TEMP_SUFFIX if recursive else ".*" + TEMP_SUFFIX
     removed = []
-    for path in folder.glob(pattern):
-        if path.is_file():
+    for path in (folder.rglob("*") if recursive else folder.iterdir()):
+        if _TEMP_NAME.fullmatch(path.name) and path.is_file():
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed

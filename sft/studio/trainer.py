@@ -100,6 +100,7 @@ class Trainer:
         self.batches = EpochBatches(self.train_loader, self.val_loader)
         self._stop = False
         self._t0, self._steps_at_start = time.perf_counter(), 0
+        self._last_checkpoint = time.monotonic()
 
     # ------------------------------------------------------------------ loss and evaluation
     def _autocast(self):
@@ -251,12 +252,25 @@ class Trainer:
         restore_training_state(self, state, source=source)
 
     def checkpoint(self, reason="manual"):
-        """Save ``state_dict()`` atomically to ``checkpoint_path`` (rank 0 only)."""
+        """Save ``state_dict()`` atomically to ``checkpoint_path`` (rank 0 only). Weights that are no
+        longer finite are never saved: the last good checkpoint stays."""
+        self._last_checkpoint = time.monotonic()
         if not self.checkpoint_path or not self.is_main:
             return None
+        bad = [n for n, p in self.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if bad:
+            raise TrainingError(f"the weights became NaN or infinite by step {self.global_step} ({bad[0]}): "
+                                "training diverged; the last checkpoint (before this) is kept",
+                                [f"a lower learning rate (now {self.config.lr:g})", "precision 'fp32' if it was bf16"])
         save_checkpoint(self.checkpoint_path, self.state_dict())
         self._emit("checkpoint", path=os.fspath(self.checkpoint_path), reason=reason)
         return self.checkpoint_path
+
+    def _checkpoint_due(self):
+        cfg = self.config
+        if cfg.checkpoint_every and (self.global_step + 1) % cfg.checkpoint_every == 0:
+            return True
+        return bool(cfg.checkpoint_minutes) and time.monotonic() - self._last_checkpoint >= 60 * cfg.checkpoint_minutes
 
     def resume(self, path=None):
         """Load a checkpoint (default ``checkpoint_path``); the next ``fit`` continues from it."""
@@ -361,7 +375,7 @@ class Trainer:
                     self._evaluate_and_record()
                 if self.global_step + 1 >= self.total_steps:
                     break
-                if cfg.checkpoint_every and (self.global_step + 1) % cfg.checkpoint_every == 0:
+                if self._checkpoint_due():
                     self.checkpoint("periodic")
                 if self._stop_requested():
                     return self._stopped()
@@ -392,6 +406,7 @@ class Trainer:
             if limit is not None:
                 self.total_steps = min(self.total_steps, limit)
         self._t0, self._steps_at_start = time.perf_counter(), self.global_step + 1
+        self._last_checkpoint = time.monotonic()
         self.model.train()
         try:
             with tf32(self.device, cfg.tf32):

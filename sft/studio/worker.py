@@ -38,10 +38,15 @@ _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 # ============================================================================ launching
 
 def check_start(run, resume):
-    """Refuse a resume without a checkpoint, and a fresh start of a run that already trained."""
+    """Refuse a resume without a checkpoint, and a fresh start of a run that has one (resume it).
+
+    A run that trained but left no checkpoint (killed before its first) may start again from
+    step 0: its earlier events are then superseded (a "resumed" event at step -1).
+    """
     if resume and not run.has_checkpoint:
-        raise RunError(f"run {run.name!r} has no checkpoint to resume from ({run.checkpoint_path})")
-    if not resume and run.has_trained:
+        raise RunError(f"run {run.name!r} has no checkpoint to resume from ({run.checkpoint_path}): "
+                       "start it again from step 0 instead")
+    if not resume and run.has_checkpoint:
         raise RunError(f"run {run.name!r} has already trained: resume it, or create a new run")
 
 
@@ -129,18 +134,36 @@ def build_trainer(config, *, model=None, splits=None, **trainer_kwargs):
     """
     train, test, val = splits or load_splits(config)
     tokenizer = get_tokenizer()
+    model = model if model is not None else build_model(config)
+    check_lengths(config, model, (train, val), tokenizer)
     # create_data_loaders seeds torch with config.seed first, as listing 7.6 does
     train_loader, val_loader, _ = create_data_loaders(
         train, val, test, tokenizer, batch_size=config.batch_size, num_workers=config.num_workers,
         allowed_max_length=config.allowed_max_length, prompt_style=config.prompt_style,
         mask_instruction=config.mask_instruction, seed=config.seed, group_by_length=config.group_by_length)
-    model = model if model is not None else build_model(config)
     torch.manual_seed(config.seed)  # the chapter seeds again right before training
     sample_entry = (val or test or train)[0]
     trainer = Trainer(model, config, train_loader, val_loader, tokenizer=tokenizer,
                       sample_prompt=get_prompt_style(config.prompt_style).format_prompt(sample_entry),
                       **trainer_kwargs)
     return trainer, (train, test, val)
+
+
+def check_lengths(config, model, splits, tokenizer):
+    """Refuse, before training, examples the model cannot take: longer than its context after the
+    collate's cut to ``allowed_max_length`` (they would fail steps later, and again on resume)."""
+    context = model.pos_emb.num_embeddings
+    if config.allowed_max_length <= context:
+        return
+    style = get_prompt_style(config.prompt_style)
+    for part, entries in zip(("train", "validation"), splits):
+        for i, entry in enumerate(entries):
+            n = len(tokenizer.encode(style.format_example(entry)))  # + its end-of-text, - the shift: n inputs
+            if n > context:
+                raise TrainingError(
+                    f"{part} entry {i} has {n} tokens, but {canonical_model_name(config.model)} reads at most "
+                    f"{context} and allowed_max_length is {config.allowed_max_length}",
+                    [f"allowed_max_length={context} (the collate cuts longer examples)"])
 
 
 # ============================================================================ running
@@ -189,6 +212,9 @@ def execute_run(run, *, resume=False, responses=True, callbacks=(), dist=None):
             trainer.resume(run.checkpoint_path)
             run.record_event({"type": "resumed", "time": time.time(), "step": trainer.global_step,
                               "epoch": trainer.epoch + 1, "tokens_seen": trainer.tokens_seen})
+        elif run.metrics_path.is_file():  # trained before, no checkpoint: a fresh start supersedes it
+            run.record_event({"type": "resumed", "time": time.time(), "step": -1, "epoch": 1, "tokens_seen": 0,
+                              "restart": True})
         run.update_status(phase="training")
         result = trainer.fit()
         if dist is not None:

@@ -83,3 +83,65 @@ def test_load_finetuned_errors(tmp_path):
     with pytest.raises(TypeError):  # unserialisable extra: refused before any file is written
         save_finetuned(model, tmp_path / "x.pth", extra={"f": NotATensor()})
     assert not list(tmp_path.glob("x.*"))
+
+
+def test_a_bad_config_beside_the_weights_is_refused_before_anything_is_built(tmp_path, monkeypatch):
+    torch.manual_seed(3)
+    paths = save_finetuned(GPTModel(SMALL), tmp_path / "m.pth")
+    good = json.loads((tmp_path / "m.json").read_text())
+    built = []
+    import sft.studio.finetuned as finetuned
+
+    real = finetuned.GPTModel
+    monkeypatch.setattr(finetuned, "GPTModel",
+                        lambda cfg: built.append((cfg, torch.get_default_device().type)) or real(cfg))
+    cases = [
+        ({k: v for k, v in SMALL.items() if k != "n_heads"}, "n_heads is None"),        # a KeyError before
+        ({**SMALL, "n_heads": 0}, "n_heads=0 is outside"),                               # a ZeroDivisionError
+        ({**SMALL, "n_heads": 5}, "not divisible by n_heads=5"),
+        ({**SMALL, "emb_dim": 9600, "n_heads": 96, "vocab_size": 50257, "n_layers": 96}, "does not fit"),
+        ({**SMALL, "qkv_bias": "yes"}, "qkv_bias is 'yes'"),
+    ]
+    for cfg, message in cases:
+        (tmp_path / "m.json").write_text(json.dumps({**good, "config": cfg}))  # a few hundred bytes
+        with pytest.raises(ValueError, match=message):
+            load_finetuned(paths["pth"])
+    # 9600 x 96 layers would be a ~107 GB model: checked on the meta device, never allocated
+    assert ((cases[3][0], "meta") in built) and all(cfg["emb_dim"] != 9600 for cfg, device in built if device != "meta")
+    (tmp_path / "m.json").write_text(json.dumps([1, 2]))
+    with pytest.raises(ValueError, match="Bad fine-tuned model config"):
+        load_finetuned(paths["pth"])
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.half(), "is torch.float16, expected torch.float32"),
+    (lambda t: t.long(), "is torch.int64, expected torch.float32"),
+    (lambda t: t.clone().fill_(float("nan")), "holds NaN or infinite values"),
+])
+def test_weights_of_the_wrong_kind_are_refused(tmp_path, change, message):
+    torch.manual_seed(4)
+    model = GPTModel(SMALL)
+    save_finetuned(model, tmp_path / "m.pth")
+    state = model.state_dict()
+    state["out_head.weight"] = change(state["out_head.weight"])
+    torch.save(state, tmp_path / "odd.pth")
+    with pytest.raises(ValueError, match=rf"odd\.pth: tensor out_head.weight {message}" if "NaN" not in message
+                       else r"odd\.pth: tensor out_head.weight holds NaN"):
+        load_finetuned(tmp_path / "odd.pth", cfg=SMALL)
+
+
+def test_each_weights_file_is_checked_against_its_recorded_sha256(tmp_path):
+    from sft.studio.finetuned import file_sha256
+
+    torch.manual_seed(5)
+    paths = save_finetuned(GPTModel(SMALL), tmp_path / "m.pth")
+    info = json.loads((tmp_path / "m.json").read_text())
+    assert info["sha256"] == {"pth": file_sha256(paths["pth"]), "safetensors": file_sha256(paths["safetensors"])}
+    load_finetuned(paths["safetensors"])  # intact: loads
+    other = GPTModel(SMALL)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, paths["safetensors"])  # replaced
+    with pytest.raises(ValueError, match=r"m\.safetensors has changed since it was saved"):
+        load_finetuned(paths["safetensors"])
+    assert load_finetuned(paths["pth"]) is not None  # the .pth still matches its own hash

@@ -99,7 +99,8 @@ def test_launch_refuses_what_cannot_start(tmp_path):
     run = Run.create(tiny_config(), root=tmp_path, name="r")
     with pytest.raises(RunError, match="no checkpoint to resume from"):
         resume_worker(run, env=WORKER_ENV)
-    run.record_event({"type": "step", "step": 0})
+    run.checkpoint_path.parent.mkdir()
+    run.checkpoint_path.write_bytes(b"a checkpoint")  # a run with a checkpoint is resumed, not restarted
     with pytest.raises(RunError, match="already trained: resume it, or create a new run"):
         launch_worker(run, env=WORKER_ENV)
     assert holder("cpu") is None and not run.log_path.exists()
