@@ -28,7 +28,7 @@ def home():
          [(PAGES["finetune"], "Fine-tune")]),
         ("Stage 3: evaluating the LLM",
          ["7. Extract the responses", "8. Compare them by eye", "9. Score them with a judge model"],
-         [(PAGES["compare"], "Compare"), (PAGES["judge"], "Judge")]),
+         [(PAGES["compare"], "Compare"), (PAGES["judge"], "Judge"), (PAGES["chat"], "Chat")]),
     ]
     for col, (title, steps, links) in zip(st.columns(3), stages):
         with col.container(border=True):
@@ -69,5 +69,6 @@ PAGES = {
     "finetune": st.Page("pages/3_finetune.py", title="Fine-tune", icon=":material/model_training:"),
     "compare": st.Page("pages/4_compare.py", title="Compare", icon=":material/compare:"),
     "judge": st.Page("pages/5_judge.py", title="Judge", icon=":material/gavel:"),
+    "chat": st.Page("pages/6_chat.py", title="Chat", icon=":material/chat:"),
 }
 st.navigation(list(PAGES.values())).run()

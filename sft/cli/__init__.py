@@ -5,6 +5,7 @@
     python -m sft train                fine-tune; writes a run folder under runs/
     python -m sft generate             answer a split (or a JSON file) with a fine-tuned run
     python -m sft judge FILE           score answers with a judge model served by Ollama
+    python -m sft export --run-dir R   the model for transformers, llama.cpp and Ollama
 
 Each command is a module here with ``add_arguments(parser)`` and ``run(args) -> exit code``,
 listed once in ``_COMMANDS``; its ``--help`` lists its options with their defaults (the
@@ -21,6 +22,7 @@ _COMMANDS = {
     "train": ("train", "add_arguments", "run"),
     "generate": ("commands", "add_generate_arguments", "run_generate"),
     "judge": ("judge", "add_arguments", "run"),
+    "export": ("export", "add_arguments", "run"),
 }
 COMMANDS = {
     "data": "check a dataset (JSON or JSONL), summarise it and write its train/test/val split",
@@ -28,12 +30,14 @@ COMMANDS = {
     "train": "fine-tune a model; writes a run folder (config, metrics, log, checkpoint, answers)",
     "generate": "answer the test split (or a JSON file) with a run's fine-tuned model or a base model",
     "judge": "score answers against the references with a judge model (Ollama or OpenAI-compatible)",
+    "export": "export a run's model for transformers (Hugging Face folder) and llama.cpp / Ollama (GGUF, Modelfile)",
 }
 EPILOG = """examples:
   python -m sft train                               the chapter: gpt2-medium, 2 epochs (downloads weights)
   python -m sft train --model tiny --max-steps 20   a tiny RANDOM model: offline demo in seconds
   python -m sft train --resume --run-dir runs/NAME  continue a stopped run
   python -m sft generate --run-dir runs/NAME        answer the test split
+  python -m sft export --run-dir runs/NAME --gguf-dtypes f32,q8_0   Hugging Face folder, GGUF, Modelfile
   torchrun --nproc_per_node 2 -m sft train ...      data parallel (DDP, gloo on CPU, NCCL on GPU): each
                                                     batch of --batch-size is split over the processes
   python -m sft.bench                               the chapter's way against the fast path (timings)

@@ -19,10 +19,10 @@ from .hf import export_hf
 from .modelfile import ollama_commands, ollama_name
 from .templates import chat_template, ollama_template, render_prompt, stop_strings
 
-__all__ = ["DTYPES", "chat_template", "export_gguf", "export_hf", "export_model", "ollama_commands",
-           "ollama_name", "ollama_template", "render_prompt", "stop_strings"]
-
 FORMATS = ("hf", "gguf")
+
+__all__ = ["DTYPES", "FORMATS", "chat_template", "export_gguf", "export_hf", "export_model", "ollama_commands",
+           "ollama_name", "ollama_template", "render_prompt", "stop_strings"]
 
 
 def export_model(model, out_dir, *, formats=FORMATS, gguf_dtypes=("f32",), prompt_style="alpaca",

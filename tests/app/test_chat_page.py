@@ -1,0 +1,102 @@
+"""The Chat page: a reply streams in pieces, Stop keeps what was written, two models answer at once,
+and a reply can be saved as a test case."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+from sft.model import GPTModel, model_config
+from sft.studio.chat import chat_prompt, stop_markers, stream_reply
+from sft.tokenizer import get_tokenizer
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def open_page():
+    """The app, then the Chat page, as a person reaches it (app.py frames every page)."""
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=30).run()
+    at.switch_page("pages/6_chat.py").run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_stream_reply_gives_the_greedy_answer_in_pieces():
+    from sft.fast.decode import generate_batch
+
+    torch.manual_seed(123)
+    model = GPTModel(model_config("tiny")).eval()
+    tokenizer = get_tokenizer()
+    prompt = chat_prompt("Name a primary colour.", "", "alpaca")
+    assert prompt.endswith("### Instruction:\nName a primary colour.\n\n### Response:\n")
+    pieces = list(stream_reply(model, tokenizer, prompt, max_new_tokens=12))
+    assert len(pieces) > 1  # it streams: more than one piece
+    expected = tokenizer.decode(generate_batch(model, [tokenizer.encode(prompt)], max_new_tokens=12)[0])
+    assert "".join(pieces) == expected  # and the pieces are exactly the greedy answer
+
+
+def test_a_reply_stops_before_the_next_instruction_header():
+    assert stop_markers("alpaca") == ["### Instruction:"] and stop_markers("phi3") == ["<|user|>"]
+
+    class Echo:  # a fake tokenizer over characters, to script what the "model" writes
+        def encode(self, text, **kw):
+            return [ord(c) for c in text]
+
+        def decode(self, ids):
+            return "".join(map(chr, ids))
+
+    import sft.studio.chat as chat
+
+    script = "Red.\n\n### Instruction:\nmore"
+    original = chat.generate_stream
+    chat.generate_stream = lambda model, ids, **kw: iter(map(ord, script))
+    try:
+        text = "".join(stream_reply(None, Echo(), "p", stops=["### Instruction:"]))
+    finally:
+        chat.generate_stream = original
+    assert text == "Red.\n\n"
+
+
+def test_the_page_streams_a_reply_and_keeps_it(app_dirs):
+    at = open_page()
+    assert "single-turn" in at.caption[0].value
+    at.selectbox(key="chat_model").set_value("base: tiny (random) (random weights)")
+    at.number_input(key="chat_max_new").set_value(6)
+    at.text_area(key="chat_instruction").set_value("Rewrite the sentence using a simile.")
+    at.text_input(key="chat_input").set_value("The car is very fast.")
+    at.button[-1].click().run()  # Send (the form's submit button)
+    assert not at.exception, at.exception
+    history = at.session_state["chat_history"]
+    assert len(history) == 1 and history[0]["replies"][0]["state"] == "done"
+    reply = history[0]["replies"][0]["text"]
+    assert reply and reply in [c.value for c in at.code]
+    prompt = history[0]["prompt"]
+    assert prompt.endswith("### Input:\nThe car is very fast.\n\n### Response:\n")
+    assert prompt.rstrip("\n") in [c.value for c in at.code]  # the exact prompt, one click away (st.code drops the last newline)
+    at.button(key="chat_save_0_0").click().run()
+    saved = json.loads((app_dirs["runs"] / ".chat" / "test-cases.json").read_text())
+    assert saved == [{"instruction": "Rewrite the sentence using a simile.", "input": "The car is very fast.",
+                      "output": reply, "source": "chat: base: tiny (random) (random weights)"}]
+
+
+def test_two_models_answer_the_same_message(app_dirs):
+    from sft.studio.config import TrainConfig
+    from sft.studio.runs import Run
+    from sft.studio.worker import execute_run
+
+    run = Run.create(TrainConfig(model="tiny", weights="random", limit=40, max_steps=2, response_tokens=2,
+                                 sample_each_epoch=False), root=app_dirs["runs"], name="chatty")
+    execute_run(run, responses=False)
+    at = open_page()
+    assert at.selectbox(key="chat_model").value == "run: chatty"
+    at.toggle(key="chat_two").set_value(True).run()
+    at.selectbox(key="chat_model_2").set_value("base: tiny (random) (random weights)")
+    at.number_input(key="chat_max_new").set_value(5)
+    at.text_area(key="chat_instruction").set_value("Name a primary colour.")
+    at.button[-1].click().run()
+    assert not at.exception, at.exception
+    replies = at.session_state["chat_history"][0]["replies"]
+    assert [r["model"] for r in replies] == ["run: chatty", "base: tiny (random) (random weights)"]
+    assert all(r["state"] == "done" and r["text"] for r in replies)
