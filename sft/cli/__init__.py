@@ -23,6 +23,7 @@ _COMMANDS = {
     "generate": ("commands", "add_generate_arguments", "run_generate"),
     "judge": ("judge", "add_arguments", "run"),
     "export": ("export", "add_arguments", "run"),
+    "queue": ("queue", "add_arguments", "run"),
 }
 COMMANDS = {
     "data": "check a dataset (JSON or JSONL), summarise it and write its train/test/val split",
@@ -31,6 +32,7 @@ COMMANDS = {
     "generate": "answer the test split (or a JSON file) with a run's fine-tuned model or a base model",
     "judge": "score answers against the references with a judge model (Ollama or OpenAI-compatible)",
     "export": "export a run's model for transformers (Hugging Face folder) and llama.cpp / Ollama (GGUF, Modelfile)",
+    "queue": "runs waiting their turn for a device: list, add, remove, move",
 }
 EPILOG = """examples:
   python -m sft train                               the chapter: gpt2-medium, 2 epochs (downloads weights)

@@ -21,6 +21,8 @@ def add_arguments(p):
     g.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
     g.add_argument("--no-responses", action="store_true", help="skip answering the test split at the end")
     g.add_argument("--detach", action="store_true", help="train in a background worker and return at once")
+    g.add_argument("--queue", action="store_true", help="queue the run after the device's current training "
+                                                       "(it starts by itself when the device is free)")
     g.add_argument("--progress", choices=("auto", "bar", "plain", "none"), default="auto",
                    help="progress display: tqdm bars, plain lines (logs), or nothing")
 
@@ -145,6 +147,13 @@ def run(args):
         return 2
     run = _open_run(args)
     _describe(run)
+    if args.queue:
+        from ..studio.queue import enqueue
+
+        place = enqueue(run, resume=args.resume)
+        print(f"Queued: number {place} in line for {run.status().get('device')}; `python -m sft queue list` "
+              "shows the line")
+        return 0
     if args.detach:
         proc = launch_worker(run, resume=args.resume, responses=not args.no_responses)
         print(f"Training in the background (pid {proc.pid}); log: {run.log_path}")

@@ -28,8 +28,8 @@ from .files import append_jsonl, atomic_write_json, atomic_write_text, read_json
 from .finetuned import finetuned_filename
 from .locks import pid_alive
 
-STATES = ("created", "starting", "running", "stopping", "stopped", "completed", "failed")
-ACTIVE_STATES = ("starting", "running", "stopping")
+STATES = ("created", "queued", "starting", "running", "stopping", "stopped", "completed", "failed")
+ACTIVE_STATES = ("starting", "running", "stopping")  # a worker owns the run ("queued": waiting, see queue)
 RESPONSES_FILE = "instruction-data-with-response.json"  # the chapter's name for the answers
 START_TIMEOUT_S = 120  # a "starting" run whose launcher is gone and whose worker never reported
 
