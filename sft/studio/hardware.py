@@ -111,6 +111,22 @@ def tf32(device, enabled=True):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
+def peak_memory_mb(device):
+    """The most memory this process has used so far: CUDA's peak allocation, else the peak resident
+    set size (RSS) of the process (Linux and macOS)."""
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+    try:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+    except (ImportError, OSError):  # pragma: no cover - Windows
+        return None
+
+
 def keep_freed_memory():
     """Not in the book: have glibc's malloc keep freed memory for reuse (Linux; process-wide).
 

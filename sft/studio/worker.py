@@ -27,7 +27,7 @@ from .answers import RESPONSE_BATCH, answer_entries
 from .config import TrainingError
 from .files import DiskFullError, atomic_write_json
 from .finetuned import save_finetuned
-from .hardware import device_key, keep_freed_memory, resolve_device
+from .hardware import device_key, keep_freed_memory, peak_memory_mb, resolve_device
 from .locks import LOCK_FD_ENV, DeviceLock, create_time
 from .runs import RunError
 from .trainer import Trainer
@@ -217,6 +217,7 @@ def execute_run(run, *, resume=False, responses=True, callbacks=(), dist=None):
                               "restart": True})
         run.update_status(phase="training")
         result = trainer.fit()
+        run.update_status(peak_memory_mb=peak_memory_mb(trainer.device))  # this process's, rank 0's
         if dist is not None:
             dist.leave()  # the other ranks are done; nothing below talks to them
         if result["state"] == "stopped":
