@@ -70,5 +70,6 @@ PAGES = {
     "compare": st.Page("pages/4_compare.py", title="Compare", icon=":material/compare:"),
     "judge": st.Page("pages/5_judge.py", title="Judge", icon=":material/gavel:"),
     "chat": st.Page("pages/6_chat.py", title="Chat", icon=":material/chat:"),
+    "experiments": st.Page("pages/8_experiments.py", title="Experiments", icon=":material/science:"),
 }
 st.navigation(list(PAGES.values())).run()
