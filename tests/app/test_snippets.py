@@ -1,0 +1,86 @@
+"""The code behind each page (ui/snippets.py): each snippet runs and gives what the page computes;
+each command line builds the same settings."""
+import shlex
+
+import pytest
+import torch
+
+from ui import snippets
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def run(code):
+    namespace = {}
+    exec(compile(code, "<snippet>", "exec"), namespace)  # noqa: S102 - our own generated code, in a test
+    return namespace["result"]
+
+
+def test_the_data_snippet_gives_the_split_and_the_prompt(capsys):
+    from sft.prompts import get_prompt_style
+
+    code, cli = snippets.data(prompt_style="phi3", entry=50)
+    result = run(code)
+    assert (result["entries"], result["train"], result["val"], result["test"]) == (1100, 935, 55, 110)
+    assert result["example"].startswith("<|user|>\nIdentify the correct spelling of the following word.\nOcassion")
+    assert cli == "python -m sft data --prompt-style phi3"
+    assert get_prompt_style("phi3").format_example is not None
+
+
+def test_the_batches_snippet_gives_listing_7_6s_first_batch(capsys):
+    code, _ = snippets.batches(split="train", batch_number=0, batch_size=8, seed=123)
+    result = run(code)
+    assert result["shape"] == (8, 61)  # the chapter's first training batch
+
+
+def test_the_finetune_snippet_and_command_build_the_pages_settings(tmp_path, monkeypatch):
+    import sft
+    from sft.cli import build_parser
+    from sft.cli.train import config_from_args
+    from sft.studio.config import TrainConfig
+
+    started = []
+    monkeypatch.setattr(sft, "launch_worker", started.append, raising=False)  # the snippet's run is not trained
+    for i, config in enumerate((TrainConfig.from_settings(model="tiny", epochs=3, lr=1e-3, mask_instruction=True,
+                                                          limit=60),
+                                TrainConfig.chapter_path(model="tiny", weights="random", max_steps=4),
+                                TrainConfig(model="gpt2-small (124M)", weights="hf", precision="fp32"))):
+        code, cli = snippets.finetune(config, name=f"x{i}", root=tmp_path)
+        assert run(code) == config and started[-1].config == config and started[-1].name == f"x{i}"
+        argv = shlex.split(cli)[3:]
+        args = build_parser(argv).parse_args(argv)  # argv: "train", then the flags
+        assert config_from_args(args) == config, cli
+
+
+def test_the_compare_snippet_gives_the_runs_answers(tmp_path):
+    from sft.fast.decode import generate_responses
+    from sft.studio.config import TrainConfig
+    from sft.studio.files import read_json
+    from sft.studio.runs import Run
+    from sft.studio.worker import execute_run
+    from sft.tokenizer import get_tokenizer
+
+    run_ = Run.create(TrainConfig(model="tiny", weights="random", limit=40, max_steps=1, sample_each_epoch=False),
+                      root=tmp_path, name="r")
+    execute_run(run_, responses=False)
+    code, cli = snippets.compare(run_.path, count=2, max_new_tokens=5)
+    entries = read_json(run_.test_data_path)[:2]
+    expected = [a["model_response"] for a in generate_responses(run_.load_model(), entries, get_tokenizer(),
+                                                                max_new_tokens=5)]
+    assert run(code) == expected
+    assert cli.startswith("python -m sft generate --run-dir ")
+
+
+def test_the_judge_snippet_scores_against_a_server(tmp_path):
+    import json
+
+    from fake_servers import FakeOllama
+
+    from sft.data import ASSETS
+
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps(json.loads((ASSETS / "instruction-data-with-response.json").read_text())[:3]))
+    with FakeOllama(reply=lambda prompt, model: "80") as srv:
+        code, cli = snippets.judge(answers, url=srv.url)
+        assert run(code) == 80.0
+    assert cli.startswith("python -m sft judge ")
