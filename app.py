@@ -71,5 +71,6 @@ PAGES = {
     "judge": st.Page("pages/5_judge.py", title="Judge", icon=":material/gavel:"),
     "chat": st.Page("pages/6_chat.py", title="Chat", icon=":material/chat:"),
     "experiments": st.Page("pages/8_experiments.py", title="Experiments", icon=":material/science:"),
+    "learn": st.Page("pages/9_learn.py", title="Learn", icon=":material/school:"),
 }
 st.navigation(list(PAGES.values())).run()
