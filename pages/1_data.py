@@ -5,7 +5,7 @@ import json
 import pandas  # noqa: F401  imported before Plotly's use: a first-render import race was seen without it
 import streamlit as st
 
-from ui import figures, loaders, state
+from ui import figures, loaders, snippets, state, widgets
 from sft.data import ALPACA_52K_URL
 from sft.prompts import PROMPT_STYLES, get_prompt_style
 
@@ -117,3 +117,6 @@ for col, name in zip(cols, ["train", "val", "test"]):
     col.metric(f"{name} entries", len(parts[name]))
     col.download_button(f"Download {name}.json", json.dumps(parts[name], indent=1, ensure_ascii=False),
                         file_name=f"{name}.json", mime="application/json", key=f"data_dl_{name}")
+
+widgets.code_behind(snippets.data(*loaders.dataset_origin(), style, idx),
+                    note=None if kind != SOURCES[2] else "Save the uploaded file beside your notebook first.")

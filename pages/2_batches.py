@@ -3,7 +3,7 @@ import pandas  # noqa: F401  imported before Plotly's use: a first-render import
 import streamlit as st
 import torch
 
-from ui import figures, loaders, state
+from ui import figures, loaders, snippets, state, widgets
 from sft.batching import custom_collate_draft_1, custom_collate_draft_2, custom_collate_fn
 
 state.init_state()
@@ -44,6 +44,9 @@ m[1].metric("Targets that train", anatomy["tokens_in_loss"])
 m[2].metric("Targets set to -100", B * T - anatomy["tokens_in_loss"])
 m[3].metric("Padding positions", int(roles.get("padding", 0)))
 st.plotly_chart(figures.batch_figure(anatomy, labels), key="bat_grid")
+source, duplicates = loaders.dataset_origin()
+widgets.code_behind(snippets.batches(split, number, batch_size, seed, max_len, mask, ss.prompt_style, source=source,
+                                     duplicates=duplicates))
 with st.expander("The tensors (token ids)"):
     st.markdown("**inputs**")
     st.dataframe(figures.frame(view["inputs"]).set_axis(labels), key="bat_inputs")

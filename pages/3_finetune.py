@@ -8,7 +8,7 @@ from sft.studio.locks import DeviceBusyError, holder
 from sft.studio.runs import ACTIVE_STATES, Run, RunError
 from sft.studio.worker import launch_worker
 from sft.weights import weights_available
-from ui import figures, loaders, state
+from ui import figures, loaders, snippets, state, widgets
 from ui.widgets import reset_settings, setting_input
 
 state.init_state()
@@ -87,18 +87,23 @@ with st.expander("More settings", key="ft_more"):
 st.caption(f"Data: {ss.dataset_name}; prompt style `{ss.prompt_style}`; allowed_max_length "
            f"{ss.allowed_max_length}; instruction masking {'on' if ss.mask_instruction else 'off'} "
            "(set on the Data and Batches pages).")
+settings = dict(given, model=model, weights=source, models_dir=str(state.models_dir()),
+                data=loaders.dataset_file(), prompt_style=ss.prompt_style, allowed_max_length=ss.allowed_max_length,
+                mask_instruction=ss.mask_instruction, device=device)
+if chapter:  # the chapter's computation fixes these; the widgets are disabled
+    for name in ("precision", "grad_accum_steps", "activation_checkpointing", "group_by_length", "compile"):
+        settings.pop(name)
+try:
+    widgets.code_behind(snippets.finetune(TrainConfig.from_settings(settings, chapter_path=chapter),
+                                          run_name.strip() or None, state.runs_dir()))
+except (ConfigError, TypeError, ValueError):
+    pass  # a setting the Start button will name
 
 busy = holder(device_key(device))
 if busy is not None:  # one training per device: say which run holds it
     st.info(f"`{device_key(device)}` is busy: run `{busy.get('run') or '?'}` is training on it. Stop it, or wait, "
             "before starting another.", icon=":material/hourglass_top:")
 if st.button("Start training", type="primary", key="ft_start", disabled=not ready or busy is not None):
-    settings = dict(given, model=model, weights=source, models_dir=str(state.models_dir()),
-                    data=loaders.dataset_file(), prompt_style=ss.prompt_style, allowed_max_length=ss.allowed_max_length,
-                    mask_instruction=ss.mask_instruction, device=device)
-    if chapter:  # the chapter's computation fixes these; the widgets are disabled
-        for name in ("precision", "grad_accum_steps", "activation_checkpointing", "group_by_length", "compile"):
-            settings.pop(name)
     try:
         config = TrainConfig.from_settings(settings, chapter_path=chapter)
         run = Run.create(config, root=state.runs_dir(), name=run_name.strip() or None)

@@ -10,7 +10,7 @@ from sft.studio.answers import answer_entries
 from sft.studio.files import read_json
 from sft.studio.runs import ACTIVE_STATES
 from sft.weights import weights_available
-from ui import figures, loaders, state
+from ui import figures, loaders, snippets, state, widgets
 
 state.init_state()
 ss = st.session_state
@@ -79,6 +79,10 @@ if st.button("Generate answers", type="primary", key="cmp_go", disabled=not entr
     ss.cmp_results = [{**e, "base": b, "tuned": t, "base_name": base, "run": name}
                       for e, b, t in zip(entries, based, tuned)]
 
+widgets.code_behind(snippets.compare(run.path, max_new_tokens=max_new, temperature=temperature, top_k=top_k or None,
+                                     seed=seed, prompt_style=cfg.prompt_style, indices=picked if mode == "Test entries"
+                                     else None, own=None if mode == "Test entries" else entries),
+                    note="These lines give the fine-tuned run's answers (fp32) with the settings above.")
 for r in ss.get("cmp_results") or []:
     with st.container(border=True):
         st.markdown(f"**{r['instruction']}**" + (f"  \nInput: {r['input']}" if r.get("input") else ""))

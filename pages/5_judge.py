@@ -12,7 +12,7 @@ from sft.data import ASSETS
 from sft.judge.stats import (compare_scores, judge_agreement, plot_score_histogram, plot_score_pairs,
                              summarize_scores)
 from sft.studio.runs import list_runs
-from ui import state
+from ui import snippets, state, widgets
 
 state.init_state()
 EXAMPLES = {"instruction-data-with-response.json (the chapter's 110 answers)": "instruction-data-with-response.json",
@@ -62,26 +62,27 @@ def pick_answers():
     runs = [r for r in list_runs(state.runs_dir()) if not r.is_broken and r.responses_path.is_file()]
     kind = st.radio("Answers", ["A run's responses", "Bundled example", "Upload JSON / JSONL"], horizontal=True,
                     index=0 if runs else 1, key="judge_source")
-    path = raw = None
+    path = raw = source = None
     if kind == "A run's responses":
         if not runs:
             st.info("No run has answers yet: generate them on the Compare page, or pick the bundled example.")
             return None
         name = st.selectbox("Run", [r.name for r in runs], key="judge_run")
         path = next(r for r in runs if r.name == name).responses_path  # its scores go in the run folder
-        raw, label = path.read_bytes(), name
+        raw, label, source = path.read_bytes(), name, path
     elif kind == "Bundled example":
         example = ASSETS / EXAMPLES[st.selectbox("Example", list(EXAMPLES), key="judge_example")]
-        raw, label = example.read_bytes(), example.stem
+        raw, label, source = example.read_bytes(), example.stem, example
     else:
         up = st.file_uploader("Entries with instruction, input, output and answers", type=["json", "jsonl"],
                               key="judge_upload", max_upload_size=state.UPLOAD_LIMIT_MB)
         if up is None:
             return None
-        raw, label = up.getvalue(), Path(up.name).stem
+        raw, label, source = up.getvalue(), Path(up.name).stem, Path(up.name)
     if path is None:  # examples and uploads keep their scores under the runs folder, one file per content
         path = state.runs_dir() / "scores" / f"{label}-{hashlib.sha1(raw).hexdigest()[:8]}.json"
     try:
+        st.session_state["judge_answers_file"] = str(source)  # for the code behind the page
         return load(raw, label), path, label
     except ValueError as exc:
         st.error(f"Not loaded: {exc}", icon=":material/error:")
@@ -98,6 +99,10 @@ def score_and_show(entries, path, label):
     conc = c[2].number_input("Questions at once", 1, 8, 1, key="judge_conc")
     items, store = entries[:limit], judge.default_scores_path(path, key)
     st.caption(f"Judge `{client.name}`; scores file `{store}`.")
+    widgets.code_behind(snippets.judge(st.session_state["judge_answers_file"], key, backend, model, url, int(limit),
+                                       store_beside=path))
+    retry = st.checkbox("Ask again where the judge's reply held no score 0..100", key="judge_retry_unparsed",
+                        help="Replies with no valid score are kept (raw, below) and not asked again unless this is on.")
     if st.button("Score", type="primary", key="judge_go", disabled=not status.reachable, icon=":material/gavel:"):
         row = st.columns([6, 1], vertical_alignment="center")
         bar = row[0].progress(0.0, text="Asking the judge…")
@@ -105,7 +110,7 @@ def score_and_show(entries, path, label):
         # is saved as it arrives (the answers in flight too), so Score later asks only the rest.
         row[1].button("Stop", key="judge_stop", icon=":material/stop:", help="Score again to resume.")
         try:
-            judge.score_responses(items, key, client=client, store=store, concurrency=int(conc),
+            judge.score_responses(items, key, client=client, store=store, concurrency=int(conc), retry_unparsed=retry,
                                   progress=lambda done, total: bar.progress(done / total, f"{done} of {total} scored"))
         except (judge.JudgeError, ValueError) as exc:  # what was scored is stored; the notes say so
             st.error(" ".join([str(exc), *getattr(exc, "__notes__", [])]), icon=":material/error:")

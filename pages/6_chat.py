@@ -3,7 +3,7 @@ import streamlit as st
 
 from sft.prompts import PROMPT_STYLES
 from sft.studio.config import TrainConfig
-from ui import chat, state
+from ui import chat, export, state
 
 state.init_state()
 ss = st.session_state
@@ -58,7 +58,7 @@ for n, entry in enumerate(ss.chat_history):
 with st.form("chat_form", clear_on_submit=True):
     instruction = st.text_area("Instruction", key="chat_instruction", placeholder="Rewrite the sentence using a simile.")
     input_text = st.text_input("Input (optional)", key="chat_input", placeholder="The car is very fast.")
-    sent = st.form_submit_button("Send", type="primary")
+    sent = st.form_submit_button("Send", type="primary", key="chat_send")
 if sent and instruction.strip():
     entry = chat.new_entry(instruction.strip(), input_text.strip(), style, picked)
     ss.chat_history.append(entry)
@@ -74,3 +74,7 @@ elif sent:
 if ss.chat_history:
     st.download_button("Download this conversation (JSON)", chat.history_json(ss.chat_history),
                        file_name="chat.json", mime="application/json", key="chat_download")
+
+# ---- take it elsewhere ----
+with st.expander("Export this model for transformers, llama.cpp and Ollama", icon=":material/ios_share:"):
+    export.section(picked[0], choices[picked[0]], style)

@@ -1,6 +1,10 @@
 """Small helpers shared by test files (tests/conftest.py puts this folder on sys.path)."""
+from pathlib import Path
+
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+
+TEST_DATA = Path(__file__).resolve().parent / "data"  # small files the tests read
 
 # A model small enough that a step takes milliseconds; dropout on, so resuming must restore the RNG.
 MINI = {"vocab_size": 97, "context_length": 32, "emb_dim": 16, "n_heads": 2, "n_layers": 1,

@@ -18,7 +18,7 @@ from sft.fast.decode import generate_batch
 from sft.model import GPTModel, model_config
 from sft.prompts import PromptStyle, get_prompt_style
 
-from conftest import TEST_DATA
+from helpers import TEST_DATA
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers reads local folders only; never the network
 EOT = 50256

@@ -190,3 +190,12 @@ def download_weights(name: str, source: str, bar):
     return None
 
 
+
+
+def dataset_origin():
+    """(source, duplicates rule) of the chosen dataset as the engine's loader takes them: (None, None) for the
+    bundled data; else its URL or uploaded file name and the rule it was loaded with."""
+    ss = st.session_state
+    if ss.get("dataset") is None:
+        return None, None
+    return ss.dataset_name, ss.dataset_key.split(":")[1]  # keys are "<kind>:<rule>:<url or digest>"

@@ -85,15 +85,22 @@ def _chapter_keys():
 
 
 def compare(run_dir, entries_from="test", count=3, max_new_tokens=256, temperature=0.0, top_k=None, seed=123,
-            prompt_style="alpaca"):
-    """Compare page: a run's model answers the first test entries (the chapter's section 7.7, batched)."""
+            prompt_style="alpaca", indices=None, own=None):
+    """Compare page: a run's model answers test entries (the chapter's section 7.7, batched): the first
+    ``count``, those at ``indices``, or ``own``, a list of {"instruction", "input"} typed on the page."""
+    if own is not None:
+        pick = f"entries = {_lit([dict(e) for e in own])}"
+    elif indices is not None:
+        pick = f"test = read_json(run.test_data_path)\nentries = [test[i] for i in {_lit(list(indices))}]"
+    else:
+        pick = f"entries = read_json(run.test_data_path)[:{count}]"
     code = f"""import torch
 from sft import Run, generate_responses, get_tokenizer
 from sft.studio.files import read_json
 
 run = Run({_lit(str(run_dir))})
 model = run.load_model()  # its final weights (or its last checkpoint)
-entries = read_json(run.test_data_path)[:{count}]
+{pick}
 torch.manual_seed({seed})
 answers = generate_responses(model, entries, get_tokenizer(), prompt_style={_lit(prompt_style)},
                              max_new_tokens={max_new_tokens}, temperature={temperature}, top_k={_lit(top_k)})
@@ -102,17 +109,24 @@ result = [a["model_response"] for a in answers]"""
     return code, shlex.join(cli)
 
 
-def judge(answers_path, key="model_response", backend="ollama", model="llama3", url=None, count=None):
-    """Judge page: the chapter's scoring (its prompt, seed 123, temperature 0), resumable."""
+def judge(answers_path, key="model_response", backend="ollama", model="llama3", url=None, count=None,
+          store_beside=None):
+    """Judge page: the chapter's scoring (its prompt, seed 123, temperature 0), resumable. The scores file
+    sits beside ``store_beside`` (default: the answers file), as the page keeps it."""
+    store_beside = answers_path if store_beside is None else store_beside
     code = f"""from sft.judge import default_scores_path, load_entries, make_client, score_responses
 from sft.judge.stats import summarize_scores
 
 entries = load_entries({_lit(str(answers_path))}){f"[:{count}]" if count else ""}
 client = make_client({_lit(backend)}, {_lit(model)}, {_lit(url)})
 records = score_responses(entries, {_lit(key)}, client=client,
-                          store=default_scores_path({_lit(str(answers_path))}, {_lit(key)}))
+                          store=default_scores_path({_lit(str(store_beside))}, {_lit(key)}))
 summary = summarize_scores([r["score"] for r in records])
 result = summary["mean"]"""
     cli = ["python", "-m", "sft", "judge", str(answers_path), "--key", key, "--model", model, "--backend", backend]
     cli += ["--url", url] if url else []
+    if str(store_beside) != str(answers_path):
+        from sft.judge import default_scores_path
+
+        cli += ["--out", str(default_scores_path(store_beside, key))]
     return code, shlex.join(cli)

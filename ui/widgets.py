@@ -49,3 +49,16 @@ def reset_settings(keys_by_field, defaults):
     """Put each widget ``key`` back to ``defaults``' value of its field (e.g. when the model changes)."""
     for name, key in keys_by_field.items():
         st.session_state[key] = _widget_value(name, getattr(defaults, name))
+
+
+def code_behind(snippet, *, note=None):
+    """An expander with the ``sft`` Python (and the ``python -m sft`` command, where there is one) that redoes
+    what the page shows with its current settings; ``snippet`` is a ``ui.snippets`` (code, command) pair."""
+    code, cli = snippet
+    with st.expander("The code behind this page", icon=":material/code:"):
+        st.caption(note or "These lines redo what this page shows, with its current settings, in Python "
+                   "(a notebook, a script).")
+        st.code(code, language="python")
+        if cli:
+            st.caption("The same from a terminal:")
+            st.code(cli, language="bash")

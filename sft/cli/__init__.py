@@ -6,6 +6,7 @@
     python -m sft generate             answer a split (or a JSON file) with a fine-tuned run
     python -m sft judge FILE           score answers with a judge model served by Ollama
     python -m sft export --run-dir R   the model for transformers, llama.cpp and Ollama
+    python -m sft merge --run-dir R    a LoRA run's adapters folded into its base weights
 
 Each command is a module here with ``add_arguments(parser)`` and ``run(args) -> exit code``,
 listed once in ``_COMMANDS``; its ``--help`` lists its options with their defaults (the
@@ -23,6 +24,7 @@ _COMMANDS = {
     "generate": ("commands", "add_generate_arguments", "run_generate"),
     "judge": ("judge", "add_arguments", "run"),
     "export": ("export", "add_arguments", "run"),
+    "merge": ("export", "add_merge_arguments", "run_merge"),
     "queue": ("queue", "add_arguments", "run"),
 }
 COMMANDS = {
@@ -32,12 +34,15 @@ COMMANDS = {
     "generate": "answer the test split (or a JSON file) with a run's fine-tuned model or a base model",
     "judge": "score answers against the references with a judge model (Ollama or OpenAI-compatible)",
     "export": "export a run's model for transformers (Hugging Face folder) and llama.cpp / Ollama (GGUF, Modelfile)",
+    "merge": "write a LoRA run's merged weights (base + adapters, a plain GPTModel) as a .pth file",
     "queue": "runs waiting their turn for a device: list, add, remove, move",
 }
 EPILOG = """examples:
   python -m sft train                               the chapter: gpt2-medium, 2 epochs (downloads weights)
   python -m sft train --model tiny --max-steps 20   a tiny RANDOM model: offline demo in seconds
   python -m sft train --resume --run-dir runs/NAME  continue a stopped run
+  python -m sft train --lora-rank 16 --lora-alpha 16  LoRA (exercise 7.4): adapters on every Linear
+  python -m sft merge --run-dir runs/NAME           a LoRA run's adapters merged into its base weights
   python -m sft generate --run-dir runs/NAME        answer the test split
   python -m sft export --run-dir runs/NAME --gguf-dtypes f32,q8_0   Hugging Face folder, GGUF, Modelfile
   torchrun --nproc_per_node 2 -m sft train ...      data parallel (DDP, gloo on CPU, NCCL on GPU): each

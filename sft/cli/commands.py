@@ -105,7 +105,7 @@ def _model_for_generate(args):
     import torch
 
     from ..studio.runs import Run
-    from ..studio.worker import build_model
+    from ..studio.models import build_model
 
     if args.run_dir:
         run = Run(args.run_dir)

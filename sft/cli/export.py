@@ -44,3 +44,34 @@ def run(args):
     if result.get("commands"):
         print("Ollama:\n  " + "\n  ".join(result["commands"]))
     return 0
+
+
+def add_merge_arguments(p):
+    p.add_argument("--run-dir", required=True, help="a LoRA run folder")
+    p.add_argument("--out", default=None, help="weights file to write (default: <run>/<model>-merged.pth, "
+                                               "with its .json and .safetensors beside it)")
+    p.add_argument("--from-checkpoint", action="store_true",
+                   help="merge the last checkpoint's adapters even where final adapters exist")
+
+
+def run_merge(args):
+    from ..model import canonical_model_name
+    from ..studio.checkpoint import load_checkpoint
+    from ..studio.finetuned import finetuned_filename, save_finetuned
+    from ..studio.runs import Run, RunError
+
+    try:
+        run = Run(args.run_dir)
+        config = run.config
+        adapter = load_checkpoint(run.checkpoint_path)["model"] if args.from_checkpoint else None
+        model = run.merged_model(adapter)
+        name = canonical_model_name(config.model)
+        out = Path(args.out) if args.out else run.path / finetuned_filename(name).replace("-sft.pth", "-merged.pth")
+        paths = save_finetuned(model, out, extra={"model_name": name, "prompt_style": config.prompt_style,
+                                                  "run": run.name, "weights": config.weights, "method": "LoRA merged"})
+    except (OSError, ValueError, RuntimeError, RunError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"Merged {run.name}'s adapters (rank {config.lora_rank}, alpha {config.lora_alpha:g}) into "
+          f"{name}: {paths['pth']}")
+    return 0

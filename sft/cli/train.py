@@ -127,6 +127,12 @@ def _describe(run, world_size=1):
               "GPT-2: its answers are gibberish)")
     else:
         print(f"Model: {config.model}, {config.weights} weights from {config.models_dir}/")
+    if config.lora_rank:
+        from ..studio.adapters import lora_counts
+
+        trainable, total, share = lora_counts(config.model, config.lora_rank, config.lora_target_list())
+        print(f"Method: LoRA rank {config.lora_rank}, alpha {config.lora_alpha:g}, on {config.lora_targets}: "
+              f"{trainable:,} trainable of {total:,} parameters ({share:.2%}); the base stays frozen")
     if world_size > 1:
         per = config.batch_size // world_size
         print(f"DDP: {world_size} processes; each batch of {config.batch_size} is split {per}-{per + 1} rows "

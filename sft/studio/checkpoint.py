@@ -205,7 +205,7 @@ def restore_training_state(trainer, state, *, source="checkpoint"):
         raise ValueError(
             f"{source} was taken with {state['n_batches']} training batches per epoch, but the data "
             f"now gives {len(trainer.train_loader)}: resuming needs the same data, limit and batch_size")
-    trainer.load_trainable_state_dict(state["model"])
+    trainer.load_trainable_state_dict(state["model"], source=source)
     trainer.optimizer.load_state_dict(state["optimizer"])
     for key in POSITION:
         setattr(trainer, key, state[key])

@@ -16,6 +16,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 
+from ..lora import LORA_TARGETS
 from ..model import MODEL_NAMES, TINY_NAME, canonical_model_name, is_tiny, model_config
 from ..prompts import PROMPT_STYLES
 from .hardware import PRECISIONS, resolve_device
@@ -26,6 +27,7 @@ DUPLICATE_RULES = ("error", "keep", "drop")
 GROUPS = {  # group -> title, in the order the CLI's help and the pages show them
     "model": "model",
     "data": "data",
+    "method": "method: full fine-tuning, or LoRA (exercise 7.4)",
     "optimisation": "optimisation (defaults are the chapter's)",
     "evaluation": "evaluation and samples",
     "speed": "speed and hardware",
@@ -97,6 +99,15 @@ class TrainConfig:
     mask_instruction: bool = setting(False, "exercise 7.2: no loss on prompt tokens", group="data")
     group_by_length: bool = setting(False, "batch similar lengths together (less padding; not the chapter's "
                                     "order)", group="data")
+    # method: full fine-tuning (the chapter) or LoRA (exercise 7.4, appendix E)
+    lora_rank: int = setting(0, "LoRA rank: 0 fine-tunes every weight (the chapter); N > 0 freezes the model and "
+                             "trains rank-N adapters instead (exercise 7.4 uses 16)", group="method", low=0, high=1024)
+    lora_alpha: float = setting(16.0, "LoRA alpha: the adapters' update is scaled by alpha / rank (exercise 7.4: "
+                                "16)", group="method", low=0.0, high=100000.0)
+    lora_targets: str = setting("all", "layers that get adapters: 'all' (every Linear, the book's choice) or a "
+                                "comma-separated list of " + ", ".join(LORA_TARGETS), group="method")
+    lora_dropout: float = setting(0.0, "dropout on the adapters' input (0: the book's)", group="method",
+                                  low=0.0, high=0.99)
     # optimisation (chapter: AdamW lr 5e-5, weight decay 0.1, batch 8, 2 epochs)
     epochs: int = setting(2, "passes over the training split", group="optimisation", low=1, high=1000)
     lr: float = setting(5e-5, "AdamW learning rate", group="optimisation", low=0.0, high=10.0)
@@ -191,11 +202,35 @@ class TrainConfig:
                 resolve_device(self.device)
             except ValueError as exc:
                 p.append(f"device: {exc}")
+        if isinstance(self.lora_targets, str):
+            try:
+                self.lora_target_list()
+            except ValueError as exc:
+                p.append(f"lora_targets: {exc}")
+        if isinstance(self.lora_dropout, (int, float)) and not 0 <= self.lora_dropout < 1:
+            p.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.masked_head_loss is True and self.fast_kernels is False:
             p.append("masked_head_loss needs fast_kernels (the packed rows are computed by sft.fast)")
         if p:
             raise ConfigError(p)
         return self
+
+    @property
+    def method(self):
+        """"LoRA" when adapters are trained, else "full"."""
+        return "LoRA" if self.lora_rank else "full"
+
+    def lora_target_list(self):
+        """None for 'all' (every Linear), else the tuple of ``LORA_TARGETS`` named; ValueError for others."""
+        text = self.lora_targets.strip().lower()
+        if text in ("all", ""):
+            return None
+        names = tuple(t.strip() for t in text.split(",") if t.strip())
+        bad = [t for t in names if t not in LORA_TARGETS]
+        if bad or not names:
+            raise ValueError(f"unknown LoRA target(s) {', '.join(map(repr, bad)) or repr(text)}; "
+                             f"use 'all' or some of {', '.join(LORA_TARGETS)}")
+        return tuple(t for t in LORA_TARGETS if t in names)
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self):

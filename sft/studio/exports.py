@@ -17,7 +17,7 @@ from .config import TrainConfig
 from .runs import Run
 
 
-def _slug(text):
+def slug(text):
     return re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-") or "model"
 
 
@@ -34,7 +34,7 @@ def load_for_export(run_dir=None, model=None, weights=None, models_dir="models")
         return run.load_model(), provenance, config.prompt_style, run.name
     if not model:
         raise ValueError("give a run folder (run_dir) or a base model name (model)")
-    from .worker import build_model
+    from .models import build_model
 
     settings = {"model": model, "models_dir": models_dir, **({"weights": weights} if weights else {})}
     config = TrainConfig.from_settings(settings).validate()
@@ -53,8 +53,8 @@ def export_run_or_model(*, run_dir=None, model=None, weights=None, models_dir="m
     ``sft.export.export_model``'s result plus ``out`` and ``provenance``."""
     built, provenance, style, default_name = load_for_export(run_dir, model, weights, models_dir)
     style = prompt_style or style
-    name = name or _slug(default_name)
-    out = Path(out) if out else Path("exports") / _slug(default_name)
+    name = name or slug(default_name)
+    out = Path(out) if out else Path("exports") / slug(default_name)
     provenance = {**provenance, "prompt_style": style, "exported": time.strftime("%Y-%m-%dT%H:%M:%S")}
     result = export_model(built, out, formats=formats, gguf_dtypes=gguf_dtypes, prompt_style=style, name=name,
                           provenance=provenance, progress=progress, overwrite=overwrite)

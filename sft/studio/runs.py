@@ -21,6 +21,8 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from ..model import canonical_model_name
 from .checkpoint import has_checkpoint, load_checkpoint
 from .config import ConfigError, TrainConfig
@@ -97,6 +99,7 @@ class Run:
     checkpoint_path = property(lambda self: self.path / "checkpoints" / "last.pt")
     responses_path = property(lambda self: self.path / RESPONSES_FILE)
     test_data_path = property(lambda self: self.path / "test-data.json")
+    adapter_path = property(lambda self: self.path / "adapter.safetensors")  # LoRA runs: the adapters alone
 
     @property
     def model_path(self):
@@ -292,9 +295,38 @@ class Run:
             return load_finetuned(self.model_path, device=device)
         if not self.has_checkpoint:
             raise RunError(f"run {self.name!r} has neither final weights nor a checkpoint yet")
+        state = load_checkpoint(self.checkpoint_path)["model"]
+        if self.config.lora_rank:  # adapters only: rebuild the base, put them on, fold them in
+            return self.merged_model(state, device=device)
         model = GPTModel(model_config(self.config.model))
-        model.load_state_dict(load_checkpoint(self.checkpoint_path)["model"])
+        model.load_state_dict(state)
         return model.to(device).eval()
+
+    def merged_model(self, adapter=None, *, device="cpu"):
+        """A LoRA run's base model with its adapters merged in (a plain ``GPTModel``, eval mode).
+
+        ``adapter``: an adapter state; default the final adapters, else the last checkpoint's.
+        Needs the base weights the run started from (downloaded, or the seeded random ones).
+        """
+        from ..lora import merge_lora
+        from .adapters import load_adapter_state, read_adapter
+        from .models import build_model
+
+        config = self.config
+        if not config.lora_rank:
+            raise RunError(f"run {self.name!r} fine-tuned every weight: it has no LoRA adapters to merge")
+        source = "given adapters"
+        if adapter is None:
+            if self.adapter_path.is_file():
+                adapter, source = read_adapter(self.adapter_path), str(self.adapter_path)
+            elif self.has_checkpoint:
+                adapter, source = load_checkpoint(self.checkpoint_path)["model"], str(self.checkpoint_path)
+            else:
+                raise RunError(f"run {self.name!r} has no adapters yet (no checkpoint)")
+        with torch.random.fork_rng(devices=[]):
+            model = build_model(config)
+        load_adapter_state(model, adapter, source=source)
+        return merge_lora(model).to(device).eval()
 
 
 class BrokenRun:

@@ -20,6 +20,7 @@ from ..fast.forward import FastGPT
 from ..fast.loss import full_loss, masked_head_loss
 from ..tokenizer import EOT_ID
 from . import distributed
+from .adapters import load_trainable_state, trainable_state
 from .checkpoint import EpochBatches, load_checkpoint, restore_training_state, save_checkpoint, training_state
 from .config import ConfigError, TrainingError, oom_advice
 from .files import append_jsonl
@@ -239,10 +240,10 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def trainable_state_dict(self):
         """What a checkpoint keeps of the model: every tensor (adapters only under LoRA)."""
-        return self.model.state_dict()
+        return trainable_state(self.model, self.config)
 
-    def load_trainable_state_dict(self, state):
-        self.model.load_state_dict(state)
+    def load_trainable_state_dict(self, state, source="checkpoint"):
+        load_trainable_state(self.model, self.config, state, source=source)
 
     def state_dict(self):
         """Everything resuming needs; loads with ``torch.load(weights_only=True)``."""

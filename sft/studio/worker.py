@@ -19,16 +19,17 @@ import torch
 
 from ..batching import create_data_loaders
 from ..data import load_instruction_data, split_data
-from ..model import GPTModel, canonical_model_name, model_config
+from ..model import canonical_model_name
 from ..prompts import get_prompt_style
 from ..tokenizer import get_tokenizer
-from ..weights import load_pretrained
+from .adapters import has_adapters, save_adapter
 from .answers import RESPONSE_BATCH, answer_entries
 from .config import TrainingError
 from .files import DiskFullError, atomic_write_json
 from .finetuned import save_finetuned
 from .hardware import device_key, keep_freed_memory, peak_memory_mb, resolve_device
 from .locks import LOCK_FD_ENV, DeviceLock, create_time
+from .models import build_model
 from .runs import RunError
 from .trainer import Trainer
 
@@ -112,18 +113,6 @@ def load_splits(config):
         raise ValueError(f"{config.data or 'the bundled data'} gives no training entries "
                          f"({len(data)} entries after limit={config.limit})")
     return train, test, val
-
-
-def build_model(config):
-    """A GPTModel: GPT-2 weights from ``config.weights``, or random (seeded) for "random".
-
-    "random" works for every size (the chapter's gpt2 sizes too): for benchmarks and offline
-    demos; such a model is labelled RANDOM wherever a run shows it.
-    """
-    if config.weights == "random":
-        torch.manual_seed(config.seed)
-        return GPTModel(model_config(config.model))
-    return load_pretrained(config.model, config.models_dir, source=config.weights)
 
 
 def build_trainer(config, *, model=None, splits=None, **trainer_kwargs):
@@ -278,8 +267,19 @@ def _save_final(run, trainer):
                             "training diverged; nothing was saved, the last checkpoint is kept",
                             [f"a lower learning rate (now {config.lr:g})"])
     extra = {"model_name": canonical_model_name(config.model), "prompt_style": config.prompt_style,
-             "run": run.name, "weights": config.weights, "random_init": config.weights == "random"}
-    paths = save_finetuned(trainer.model, run.model_path, extra=extra)
+             "run": run.name, "weights": config.weights, "random_init": config.weights == "random",
+             "method": config.method}
+    model = trainer.model
+    if has_adapters(model):  # keep the adapters (a few MB), then fold them in: a plain GPTModel downstream
+        from ..lora import lora_config, merge_lora
+
+        paths = {"adapter": str(save_adapter(run.adapter_path, model, config))}
+        extra["lora"] = lora_config(model)
+        model = merge_lora(model)
+        paths.update(save_finetuned(model, run.model_path, extra=extra))
+        run.record_event({"type": "saved", "time": time.time(), "step": trainer.global_step, "paths": paths})
+        return paths
+    paths = save_finetuned(model, run.model_path, extra=extra)
     run.record_event({"type": "saved", "time": time.time(), "step": trainer.global_step, "paths": paths})
     return paths
 

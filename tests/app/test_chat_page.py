@@ -66,7 +66,7 @@ def test_the_page_streams_a_reply_and_keeps_it(app_dirs):
     at.number_input(key="chat_max_new").set_value(6)
     at.text_area(key="chat_instruction").set_value("Rewrite the sentence using a simile.")
     at.text_input(key="chat_input").set_value("The car is very fast.")
-    at.button[-1].click().run()  # Send (the form's submit button)
+    at.button(key="chat_send").click().run()  # Send (the form's submit button)
     assert not at.exception, at.exception
     history = at.session_state["chat_history"]
     assert len(history) == 1 and history[0]["replies"][0]["state"] == "done"
@@ -95,8 +95,33 @@ def test_two_models_answer_the_same_message(app_dirs):
     at.selectbox(key="chat_model_2").set_value("base: tiny (random) (random weights)")
     at.number_input(key="chat_max_new").set_value(5)
     at.text_area(key="chat_instruction").set_value("Name a primary colour.")
-    at.button[-1].click().run()
+    at.button(key="chat_send").click().run()
     assert not at.exception, at.exception
     replies = at.session_state["chat_history"][0]["replies"]
     assert [r["model"] for r in replies] == ["run: chatty", "base: tiny (random) (random weights)"]
     assert all(r["state"] == "done" and r["text"] for r in replies)
+
+
+def test_export_from_the_page_writes_hf_gguf_and_the_ollama_commands(app_dirs, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    monkeypatch.setenv("SFT_EXPORTS_DIR", str(tmp_path / "exports"))
+    at = open_page()
+    at.selectbox(key="chat_model").set_value("base: tiny (random) (random weights)").run()
+    at.text_input(key="export_name").set_value("my-tiny").run()
+    at.button(key="export_go").click().run()
+    assert not at.exception and not at.error, (at.exception, at.error)
+    out = tmp_path / "exports" / "tiny-random"
+    result = at.session_state["export_result"]
+    assert result["out"] == str(out) and result["name"] == "my-tiny"
+    gguf = out / "gguf" / "my-tiny-f32.gguf"
+    assert gguf.is_file() and (out / "gguf" / "Modelfile").is_file()
+    tensors = safetensors.torch.load_file(out / "hf" / "model.safetensors")
+    assert tensors["transformer.wte.weight"].shape == (50257, model_config("tiny")["emb_dim"])
+    codes = [c.value for c in at.code]
+    assert "ollama create my-tiny -f Modelfile\nollama run my-tiny" in "\n".join(codes)
+    assert any(c.startswith("FROM ./my-tiny-f32.gguf") for c in codes)  # the Modelfile, shown
+    assert any(f"from_pretrained({str(out / 'hf')!r})" in c for c in codes)
+    # Exporting again into the same folder is fine (it is the app's own earlier export).
+    at.button(key="export_go").click().run()
+    assert not at.exception and not at.error

@@ -83,6 +83,13 @@ def test_status_then_score_the_bundled_answers_and_resume(monkeypatch, app_dirs)
         at.button(key="judge_go").click().run()
         assert not at.exception and len(srv.chat_requests) == 3
 
+        # "Ask again" re-asks only the reply that held no score; the judge now answers it.
+        replies[entries[1]["model_response"]] = "Score: 70"
+        at.checkbox(key="judge_retry_unparsed").check().run()
+        at.button(key="judge_go").click().run()
+        assert not at.exception and len(srv.chat_requests) == 4
+        assert cell_values(at) == ([80, 70, 90], ["Score: 80/100", "Score: 70", "90"])
+
 
 def test_no_server_and_missing_model_say_what_to_do(monkeypatch, dead_url):
     at = choose(page(monkeypatch, dead_url), judge_source="Bundled example")

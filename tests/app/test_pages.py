@@ -138,13 +138,15 @@ def test_batches_page_first_train_batch_and_toy_batch():
     m = metrics(at)
     assert m["Shape (B, T)"] == "(8, 61)"  # listing 7.6: the first train batch is [8, 61]
     assert int(m["Targets that train"]) + int(m["Targets set to -100"]) == 8 * 61
-    final = at.code[4].value  # custom_collate_fn's targets
+    final = next(c.value for c in at.code if c.value.startswith("targets") and "-100" in c.value)  # custom_collate_fn's
+    code = next(c.value for c in at.code if c.language == "python")  # the code behind the page: this batch
+    assert "batch_number=0, batch_size=8" in code and "seed=123, allowed_max_length=1024" in code
     assert "[    6, 50256,  -100,  -100,  -100]" in final and "[    8,     9, 50256,  -100,  -100]" in final
     assert m["cross_entropy(logits, targets, ignore_index)"] == "1.1269"
     assert "All 935 train examples look right" in at.success[0].value
 
     at.number_input(key="bat_toy_pad").set_value(0).run()
-    assert "[5, 6, 0, 0, 0]" in at.code[0].value.replace(" ", "").replace(",", ", ")
+    assert "[5, 6, 0, 0, 0]" in next(c.value for c in at.code if c.value.startswith("inputs")).replace(" ", "").replace(",", ", ")
     at.toggle(key="bat_mask").set_value(True).run()
     assert not at.exception
     assert int(metrics(at)["Targets that train"]) < int(m["Targets that train"])

@@ -26,7 +26,7 @@ def test_stop_keeps_the_scores_and_score_resumes(app_url, page):
         page.get_by_text("Bundled example", exact=True).click()
         settle(page)
 
-        page.get_by_role("button", name="Score").click()
+        page.get_by_role("button", name="Score", exact=True).click()
         expect(page.get_by_text("3 of 110 scored")).to_be_visible()
         page.get_by_role("button", name="Stop").click()
         expect(page.get_by_text("Stopped. The scores so far are saved")).to_be_visible()
@@ -47,7 +47,7 @@ def test_stop_keeps_the_scores_and_score_resumes(app_url, page):
 
         # Score again: only the rest is asked, and the page ends with all 110.
         srv.delay = 0.0
-        page.get_by_role("button", name="Score").click()
+        page.get_by_role("button", name="Score", exact=True).click()
         settle(page)
         expect(page.locator('[data-testid="stMetric"]').filter(has_text="Scored")
                .locator('[data-testid="stMetricValue"]')).to_have_text("110 of 110", timeout=90_000)

@@ -159,3 +159,27 @@ def test_train_flags_come_from_the_config_fields(capsys):
     for f in fields(TrainConfig):
         assert "--" + f.name.replace("_", "-") in text, f.name
     assert "--mask-instruction, --no-mask-instruction" in text  # booleans both ways
+
+
+def test_lora_train_then_merge(capsys, tmp_path):
+    from sft.studio.finetuned import load_finetuned
+    from sft.studio.runs import Run
+
+    code, out, err = run_cli(
+        capsys, "train", "--model", "tiny", "--limit", "20", "--batch-size", "2", "--max-steps", "3",
+        "--eval-freq", "2", "--eval-iter", "1", "--allowed-max-length", "32", "--no-responses", "--lr", "0.01",
+        "--lora-rank", "4", "--lora-alpha", "8", "--lora-targets", "query,value,head",
+        "--runs-root", str(tmp_path), "--name", "lora", "--progress", "plain")
+    assert code == 0, err
+    assert "LoRA rank 4" in out and "trainable" in out
+    run = Run(tmp_path / "lora")
+    cfg = run.config
+    assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.method) == (4, 8.0, "query,value,head", "LoRA")
+    assert run.adapter_path.is_file()
+    code, out, err = run_cli(capsys, "merge", "--run-dir", str(run.path))
+    assert code == 0, err
+    merged = load_finetuned(run.path / "tinyrandom-merged.pth")
+    final = load_finetuned(run.model_path)  # the run's own final weights are the same merge
+    assert all(torch.equal(a, b) for a, b in zip(merged.state_dict().values(), final.state_dict().values()))
+    code, _, err = run_cli(capsys, "train", "--model", "tiny", "--lora-targets", "mlp", "--runs-root", str(tmp_path))
+    assert code != 0 and "lora_targets: unknown LoRA target(s) 'mlp'" in err
