@@ -2,6 +2,8 @@
 import pandas  # noqa: F401  imported before Plotly's use: a first-render import race was seen without it
 import streamlit as st
 
+from sft.lora import LORA_TARGETS
+from sft.studio.adapters import lora_counts
 from sft.studio.config import ConfigError, TrainConfig
 from sft.studio.hardware import device_key
 from sft.studio.locks import DeviceBusyError, holder
@@ -57,8 +59,32 @@ elif not weights_available(model, str(state.models_dir()), source=source):
     st.button("Use the tiny random model instead", key="ft_use_tiny", on_click=use_tiny)
     ready = False
 
-# ---- settings: the chapter's defaults (or the model's preset), from TrainConfig ----
+# ---- method: every weight (the chapter) or LoRA adapters (exercise 7.4) ----
 given = {}
+method = st.radio("Method", ["full", "LoRA"], horizontal=True, key="ft_method",
+                  format_func={"full": "Full fine-tuning (the chapter)", "LoRA": "LoRA (exercise 7.4)"}.get,
+                  help="LoRA freezes the model and trains small low-rank adapters beside its Linear layers "
+                       "(appendix E): far fewer trainable parameters, no optimizer state for the frozen weights.")
+if method == "LoRA":
+    c = st.columns([1, 1, 3, 1])
+    given["lora_rank"] = int(c[0].number_input("Rank", 1, 1024, 16, key="ft_lora_rank"))
+    given["lora_alpha"] = float(c[1].number_input("Alpha", 0.0, 100000.0, 16.0, key="ft_lora_alpha",
+                                                  help="The update is scaled by alpha / rank."))
+    targets = c[2].multiselect("Layers with adapters", list(LORA_TARGETS), default=list(LORA_TARGETS),
+                               key="ft_lora_targets", help="Every Linear is the book's choice.")
+    given["lora_dropout"] = float(c[3].number_input("Dropout", 0.0, 0.99, 0.0, step=0.05, key="ft_lora_dropout"))
+    given["lora_targets"] = "all" if set(targets) == set(LORA_TARGETS) else ",".join(targets)
+    if targets:
+        trainable, total, share = lora_counts(model, given["lora_rank"], targets)
+        st.caption(f"**{trainable:,} trainable** of {total:,} parameters ({share:.2%}); the base weights stay "
+                   "frozen. Checkpoints keep only the adapters; the final weights are merged into a plain GPT-2.")
+    else:
+        st.warning("Choose at least one layer for the adapters.")
+else:
+    total = lora_counts(model, 0)[1]
+    st.caption(f"**{total:,} trainable** parameters: every weight, as the chapter.")
+
+# ---- settings: the chapter's defaults (or the model's preset), from TrainConfig ----
 c = st.columns(5)
 for col, (name, label) in zip(c, [("epochs", "Epochs"), ("lr", "Learning rate"), ("weight_decay", "Weight decay"),
                                   ("batch_size", "Batch size")]):
@@ -185,5 +211,5 @@ rows = [r.summary() for r in runs]
 for row in rows:  # the chapter counts steps from 0
     row["steps done"] = row["step"] + 1 if row["step"] is not None else 0
 st.dataframe(figures.frame(rows), hide_index=True, key="ft_runs",
-             column_order=["name", "state", "model", "weights", "path", "epochs", "steps done", "total_steps",
+             column_order=["name", "state", "model", "method", "weights", "path", "epochs", "steps done", "total_steps",
                            "train_loss", "val_loss", "device", "error"])

@@ -227,7 +227,7 @@ class Run:
         """One row for a table of runs."""
         status, config = self.status(), self.config
         progress = status.get("progress") or {}
-        return {"name": self.name, "state": status.get("state"), "model": config.model,
+        return {"name": self.name, "state": status.get("state"), "model": config.model, "method": config.method,
                 "weights": config.weights, "path": "chapter" if config.is_chapter_path() else "fast",
                 "epochs": config.epochs, "step": progress.get("step"),
                 "total_steps": progress.get("total_steps"), "train_loss": progress.get("train_loss"),
@@ -345,7 +345,7 @@ class BrokenRun:
     is_active = False
 
     def summary(self):
-        return {"name": self.name, "state": "unreadable", "model": None, "weights": None, "path": None,
+        return {"name": self.name, "state": "unreadable", "model": None, "method": None, "weights": None, "path": None,
                 "epochs": None, "step": None, "total_steps": None, "train_loss": None, "val_loss": None,
                 "created": None, "updated": None, "device": None, "error": self.reason}
 

@@ -408,3 +408,28 @@ def test_compare_page_answers_with_a_stopped_runs_checkpoint(app_dirs):
     md = texts(at.markdown)
     assert "**Rewrite the sentence using a simile.**" in md and "*Fine-tuned: halted*" in md
     assert "(none: your own instruction)" in md
+
+
+@pytest.mark.slow
+def test_finetune_page_trains_a_lora_run(app_dirs):
+    from sft.studio.runs import Run
+
+    at = tiny_finetune_page(response_tokens=2)
+    assert "6,549,376 trainable" in texts(at.caption)  # full fine-tuning: every weight of the tiny model
+    at.radio(key="ft_method").set_value("LoRA").run()
+    assert "**842,000 trainable** of 7,391,376 parameters (11.39%)" in texts(at.caption)  # rank 16, every Linear
+    at.number_input(key="ft_lora_rank").set_value(4).run()
+    at.multiselect(key="ft_lora_targets").set_value(["query", "value"]).run()
+    cap = texts(at.caption)
+    assert "**2,048 trainable** of 6,551,424 parameters (0.03%)" in cap, cap  # 2 layers x 2 x rank 4 x (64 + 64)
+    at.text_input(key="ft_run_name").set_value("lora").run()
+    at.button(key="ft_start").click().run()
+    assert not at.exception and not at.error
+    run = Run.open("lora", root=app_dirs["runs"])
+    c = run.config
+    assert (c.lora_rank, c.lora_alpha, c.lora_targets, c.method) == (4, 16.0, "query,value", "LoRA")
+    assert run.wait(timeout=180)["state"] == "completed", run.tail_log(30)
+    assert run.adapter_path.is_file()
+    at.run()
+    table = at.dataframe[-1].value
+    assert dict(zip(table["name"], table["method"])) == {"lora": "LoRA"}

@@ -171,3 +171,26 @@ def test_a_stopped_run_resumes_with_another_number_of_processes(tmp_path, first,
     weights = torch.load(run.model_path, weights_only=True)
     for name, tensor in single.model.state_dict().items():
         assert torch.allclose(weights[name], tensor, atol=1e-5), name
+
+
+@pytest.mark.slow
+def test_lora_under_two_processes_matches_one_process(tmp_path):
+    from sft.studio.adapters import read_adapter
+
+    config = ddp_config(max_steps=4, lora_rank=4, lora_alpha=8.0, lr=1e-3)
+    run = Run.create(config, root=tmp_path, name="ddp-lora")
+    out = finish(torchrun(run))
+    assert run.state == "completed" and "Method: LoRA rank 4" in out, out
+    done = run.read_metrics("done")[-1]
+    assert done["world_size"] == 2 and done["replicas_in_sync"] is True
+    single, _ = build_trainer(config)
+    events = []
+    single.callbacks.append(events.append)
+    single.fit()
+    assert [e["loss"] for e in run.read_metrics("step")] == pytest.approx(
+        [e["loss"] for e in events if e["type"] == "step"], rel=1e-5)
+    adapters = read_adapter(run.adapter_path)["tensors"]
+    mine = {k: v for k, v in single.model.state_dict().items() if ".lora." in k}
+    assert adapters.keys() == mine.keys()
+    for name, tensor in mine.items():
+        assert torch.allclose(adapters[name], tensor, atol=1e-5), name

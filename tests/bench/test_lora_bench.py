@@ -1,0 +1,14 @@
+"""sft.bench.lora: each method trains in its own process and reports what it measured (no timing asserted)."""
+from sft.bench.lora import compare
+
+
+def test_lora_bench_reports_both_methods_on_the_tiny_model(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = compare("tiny", steps=2, batch_size=2, rank=4, allowed_max_length=32, device="cpu")
+    full, lora = out["full"], out["lora"]
+    assert (full["method"], lora["method"]) == ("full", "LoRA")
+    assert full["trainable"] == full["total"] == 6_549_376
+    assert lora["trainable"] == 4 * (4 * 2 * (64 + 64) + 2 * (64 + 256) + 2 * (256 + 64)) + 4 * (64 + 50257)
+    assert full["timed_steps"] == lora["timed_steps"] == 2
+    assert full["tokens_per_s"] > 0 and lora["tokens_per_s"] > 0 and full["peak_rss_mb"] > 0
+    assert out["speedup"] == round(lora["tokens_per_s"] / full["tokens_per_s"], 3)
