@@ -51,7 +51,7 @@ def app_url(tmp_path_factory):
     runs.mkdir()
     models.mkdir()
     port = _free_port()
-    env = dict(os.environ, SFT_RUNS_DIR=str(runs), SFT_MODELS_DIR=str(models),
+    env = dict(os.environ, SFT_RUNS_DIR=str(runs), SFT_MODELS_DIR=str(models), SFT_EXPORTS_DIR=str(tmp / "exports"),
                SFT_OLLAMA_URL="http://127.0.0.1:9", OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1")
     log = open(tmp / "streamlit.log", "w")
     proc = subprocess.Popen(
@@ -73,7 +73,7 @@ def app_url(tmp_path_factory):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"streamlit did not answer {url}/_stcore/health within {STARTUP_S} s")
             time.sleep(0.25)  # poll interval while the server starts
-        yield {"url": url, "runs": runs, "models": models}
+        yield {"url": url, "runs": runs, "models": models, "exports": tmp / "exports"}
     finally:
         _stop_training_workers(runs)
         proc.terminate()

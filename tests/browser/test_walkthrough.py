@@ -111,3 +111,18 @@ def test_walk_through_the_pipeline(app_url, page):
 
     go(page, "Judge")
     shot(page, "judge")
+
+    # Chat: the run answers a typed message, streamed; then the export section writes it for Ollama.
+    go(page, "Chat")
+    set_number(page, "Max new tokens", 6)
+    page.get_by_label("Instruction", exact=True).fill("Name a primary colour.")
+    page.get_by_role("button", name="Send", exact=True).click()
+    settle(page)
+    expect(page.get_by_text("You:", exact=False).first).to_be_visible(timeout=60_000)
+    expect(page.get_by_role("button", name="Save as a test case")).to_be_visible(timeout=60_000)
+    page.get_by_text("Export this model for transformers, llama.cpp and Ollama").click()
+    page.get_by_role("button", name="Export", exact=True).click()
+    expect(page.get_by_text("Exported to", exact=False)).to_be_visible(timeout=120_000)
+    expect(page.get_by_text("ollama create", exact=False).first).to_be_visible()
+    assert list(app_url["exports"].glob("*/gguf/*-f32.gguf")) and list(app_url["exports"].glob("*/hf/model.safetensors"))
+    shot(page, "chat")
