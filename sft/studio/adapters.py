@@ -32,10 +32,6 @@ def apply_lora(model, config):
     return freeze_for_lora(model)
 
 
-def has_adapters(model):
-    return lora_config(model) is not None
-
-
 def adapter_state(model, config):
     """The adapters' tensors plus what they belong to (a ``torch.load(weights_only=True)`` dict)."""
     return {"format": ADAPTER_FORMAT, "tensors": lora_state_dict(model), "lora": lora_config(model),

@@ -295,11 +295,10 @@ class Run:
             return load_finetuned(self.model_path, device=device)
         if not self.has_checkpoint:
             raise RunError(f"run {self.name!r} has neither final weights nor a checkpoint yet")
-        state = load_checkpoint(self.checkpoint_path)["model"]
         if self.config.lora_rank:  # adapters only: rebuild the base, put them on, fold them in
-            return self.merged_model(state, device=device)
+            return self.merged_model(device=device)
         model = GPTModel(model_config(self.config.model))
-        model.load_state_dict(state)
+        model.load_state_dict(load_checkpoint(self.checkpoint_path)["model"])
         return model.to(device).eval()
 
     def merged_model(self, adapter=None, *, device="cpu"):

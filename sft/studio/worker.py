@@ -22,7 +22,7 @@ from ..data import load_instruction_data, split_data
 from ..model import canonical_model_name
 from ..prompts import get_prompt_style
 from ..tokenizer import get_tokenizer
-from .adapters import has_adapters, save_adapter
+from .adapters import save_adapter
 from .answers import RESPONSE_BATCH, answer_entries
 from .config import TrainingError
 from .files import DiskFullError, atomic_write_json
@@ -269,17 +269,14 @@ def _save_final(run, trainer):
     extra = {"model_name": canonical_model_name(config.model), "prompt_style": config.prompt_style,
              "run": run.name, "weights": config.weights, "random_init": config.weights == "random",
              "method": config.method}
-    model = trainer.model
-    if has_adapters(model):  # keep the adapters (a few MB), then fold them in: a plain GPTModel downstream
+    model, paths = trainer.model, {}
+    if config.lora_rank:  # keep the adapters (a few MB), then fold them in: a plain GPTModel downstream
         from ..lora import lora_config, merge_lora
 
-        paths = {"adapter": str(save_adapter(run.adapter_path, model, config))}
+        paths["adapter"] = str(save_adapter(run.adapter_path, model, config))
         extra["lora"] = lora_config(model)
         model = merge_lora(model)
-        paths.update(save_finetuned(model, run.model_path, extra=extra))
-        run.record_event({"type": "saved", "time": time.time(), "step": trainer.global_step, "paths": paths})
-        return paths
-    paths = save_finetuned(model, run.model_path, extra=extra)
+    paths.update(save_finetuned(model, run.model_path, extra=extra))
     run.record_event({"type": "saved", "time": time.time(), "step": trainer.global_step, "paths": paths})
     return paths
 
