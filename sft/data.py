@@ -4,7 +4,8 @@
 ``load_instruction_data`` reads the bundled file, a path, a URL or uploaded bytes, as a
 JSON array or JSONL (one object per line), e.g. the 52K Alpaca file of exercise 7.3,
 and checks every entry: all problems are reported together in one ``DataValidationError``,
-never half a file loaded silently.
+never half a file loaded silently. A URL that cannot be fetched raises ``DataFetchError`` saying
+why in words (no network, refused, timed out, HTTP status) and what to do.
 """
 import json
 import os
@@ -39,11 +40,60 @@ class DataValidationError(ValueError):
         super().__init__(f"{self.source}: {n} problem{'s' if n != 1 else ''} found; nothing loaded:\n{shown}{tail}")
 
 
+class DataFetchError(OSError):
+    """A URL that gave no data: ``.url``, ``.reason`` (what went wrong, e.g. "no network") and
+    ``.advice`` (what to do), all in the message."""
+
+    def __init__(self, url, reason, advice):
+        self.url, self.reason, self.advice = str(url), reason, advice
+        super().__init__(f"{self.url}: {reason}. {advice}")
+
+
+OFFLINE_ADVICE = ("Check the address and the network and try again; or download the file on a machine that "
+                  "has network access and load it from disk (its path, or an upload in the app).")
+
+
+def _fetch_error(url, exc, timeout):
+    """The DataFetchError that says in words why requests could not fetch ``url``."""
+    import requests
+    import urllib3
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or url
+    where = f"{host}:{parts.port}" if parts.port else host
+    cause = getattr(exc.args[0], "reason", None) if exc.args else None  # urllib3's MaxRetryError.reason
+    unresolved = getattr(urllib3.exceptions, "NameResolutionError", ())  # urllib3 2.x names it
+    text = f"{cause or exc}"
+    if isinstance(cause, unresolved) or "Failed to resolve" in text or "Name or service not known" in text:
+        return DataFetchError(url, f"no network, or no such host: the name {host} could not be resolved",
+                              OFFLINE_ADVICE)
+    if isinstance(exc, requests.exceptions.SSLError):
+        return DataFetchError(url, f"the secure connection to {where} failed ({text})",
+                              "Check the address (http or https) and this machine's clock and certificates.")
+    if isinstance(exc, requests.exceptions.Timeout):
+        return DataFetchError(url, f"no answer from {where} within {timeout:g} s (a slow or lost network, "
+                                   "or the server is down)", OFFLINE_ADVICE)
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        if "refused" in text.lower():
+            return DataFetchError(url, f"{where} refused the connection (nothing serves files there)",
+                                  "Check the address and port, or start the server.")
+        return DataFetchError(url, f"cannot reach {where}: no network, or the host cannot be reached",
+                              OFFLINE_ADVICE)
+    return DataFetchError(url, f"{type(exc).__name__}: {exc}", "Check the address.")
+
+
 def _fetch_text(url, timeout=60):
     import requests
 
-    response = requests.get(url, timeout=timeout)
-    response.raise_for_status()
+    try:
+        response = requests.get(url, timeout=timeout)
+    except requests.RequestException as e:
+        raise _fetch_error(url, e, timeout) from e
+    if response.status_code >= 400:
+        raise DataFetchError(url, f"HTTP {response.status_code} {response.reason}",
+                             "The server has no file for this address: check it." if response.status_code < 500
+                             else "The server failed: try again later.")
     return response.content
 
 

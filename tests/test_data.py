@@ -261,3 +261,62 @@ def test_length_stats_match_the_dataset(instruction_data, tokenizer):
 def test_length_stats_whole_chapter_dataset(instruction_data, tokenizer):
     summary = length_stats(instruction_data, tokenizer)["summary"]
     assert (summary["count"], summary["min"], summary["max"], summary["over_max_length"]) == (1100, 40, 91, 0)
+
+
+# ---------------------------------------------------------------- a URL that cannot be fetched, in words
+
+@pytest.fixture
+def no_proxy(monkeypatch):
+    """Requests go straight to the host (a proxy in the environment would answer for it)."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+def fetch_error(url):
+    with pytest.raises(data_mod.DataFetchError) as info:
+        load_instruction_data(url)
+    return info.value
+
+
+def test_an_unresolvable_host_says_no_network_and_what_to_do(no_proxy):
+    url = "http://nonexistent.invalid/x.json"  # .invalid never resolves (RFC 2606)
+    err = fetch_error(url)
+    assert err.url == url
+    assert err.reason == "no network, or no such host: the name nonexistent.invalid could not be resolved"
+    assert str(err) == f"{url}: {err.reason}. {data_mod.OFFLINE_ADVICE}"
+    assert "download the file on a machine that has network access" in str(err)
+    assert "NameResolutionError" not in str(err) and "Max retries" not in str(err)
+    assert isinstance(err, OSError)
+
+
+def test_a_closed_port_says_refused(no_proxy):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on once the socket is closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    err = fetch_error(f"http://127.0.0.1:{port}/data.json")
+    assert err.reason == f"127.0.0.1:{port} refused the connection (nothing serves files there)"
+    assert err.advice == "Check the address and port, or start the server."
+
+
+def test_a_silent_server_times_out_in_words(no_proxy):
+    import socket
+
+    with socket.socket() as server:  # accepts the connection (the kernel's backlog) and never answers
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        with pytest.raises(data_mod.DataFetchError) as info:
+            data_mod._fetch_text(f"http://127.0.0.1:{port}/slow.json", timeout=0.3)
+    assert info.value.reason == (f"no answer from 127.0.0.1:{port} within 0.3 s "
+                                 "(a slow or lost network, or the server is down)")
+
+
+def test_http_errors_name_the_status(serve, no_proxy):
+    server = serve({"/there.json": json.dumps(GOOD).encode()})
+    assert load_instruction_data(server.url + "/there.json") == validate_entries(GOOD)
+    err = fetch_error(server.url + "/missing.json")
+    assert err.reason == "HTTP 404 Not Found"
+    assert err.advice == "The server has no file for this address: check it."

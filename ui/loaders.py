@@ -4,8 +4,6 @@ Pages stay thin by calling these and ``sft``. Nothing here pads, masks or comput
 is the engine's job. Models that train are never cached; finished runs' weights are, keyed by
 the file's modification time.
 """
-import hashlib
-import json
 import os
 
 import streamlit as st
@@ -160,18 +158,13 @@ def open_run(name: str):
 
 
 def dataset_file():
-    """None for the bundled data (the engine's default); else the chosen dataset saved as JSON under
-    runs_dir()/.data/, so the training worker (another process) reads exactly what the page shows."""
+    """None for the bundled data (the engine's default); else the chosen dataset's file in the workspace
+    (workspace/data/<hash>.json), so the training worker (another process) reads exactly what the page shows."""
     if st.session_state.get("dataset") is None:
         return None
-    from sft.studio.files import atomic_write_json
+    from .workspace import save_dataset
 
-    data = st.session_state["dataset"]
-    digest = hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-    path = runs_dir() / ".data" / f"{digest}.json"
-    if not path.is_file():
-        atomic_write_json(path, data)
-    return os.fspath(path)
+    return os.fspath(save_dataset(st.session_state["dataset"]))
 
 
 def download_weights(name: str, source: str, bar):

@@ -15,7 +15,7 @@ from sft.studio.config import TrainConfig
 ROOT = Path(__file__).resolve().parent.parent
 GPT2_NAMES = [n for n in MODEL_NAMES if n != TINY_NAME]
 TINY = TINY_NAME  # random weights, for offline demos and tests
-UPLOAD_LIMIT_MB = 50  # also the server's maxUploadSize in .streamlit/config.toml
+UPLOAD_LIMIT_MB = 50  # the pages refuse larger files with a message; the server lets them through (maxUploadSize 500)
 OLLAMA_URL = "http://localhost:11434"  # Ollama's default; SFT_OLLAMA_URL overrides it (read per call)
 
 
@@ -48,10 +48,19 @@ STATE_DEFAULTS = {
 def init_state():
     """Every page starts here: the app's own navigation, then the plain keys with their defaults."""
     from .nav import leave_legacy_navigation
+    from .workspace import restore
 
     leave_legacy_navigation()
+    restore()  # the choices kept in the workspace file, once per browser session
     for key, value in STATE_DEFAULTS.items():
         st.session_state.setdefault(key, value)
+
+
+def remember(**values):
+    """Set plain keys and keep them in the workspace file (``ui.workspace.remember``)."""
+    from .workspace import remember as keep
+
+    keep(**values)
 
 
 def start_widget(key: str, value, options=None):

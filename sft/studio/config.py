@@ -64,9 +64,24 @@ CHAPTER_SETTINGS = {"precision": "fp32", "fast_kernels": False, "masked_head_los
                     "group_by_length": False, "tf32": False, "fused_adamw": False, "compile": False,
                     "grad_accum_steps": 1}
 
+# The tiny random model's demo settings, chosen by measuring on a 2-core CPU (README, "The app"): the
+# chapter's lr 5e-5 barely moves random weights (val loss 10.9 -> 9.0, answers "."). After 2 epochs
+# 3e-3 reaches 2.36, 5e-3 2.26, 1e-2 2.22 (no warm-up needed); a third epoch of 5e-3 takes it to
+# 2.12 with answers of three times as many distinct words, in ~50 s from the command line (5 epochs:
+# 2.10 in 80 s). Evaluating every 10 steps instead of 5 halves the evaluation time and still draws
+# 35 points; no reference answer of the bundled data is longer than 50 tokens, so 64 new tokens
+# end every answer quickly.
+TINY_DEMO_SETTINGS = {"lr": 5e-3, "epochs": 3, "eval_freq": 10, "response_tokens": 64}
+TINY_DEMO_VAL_LOSS = 3.0  # its validation loss ends below this (measured: 2.12; tests/studio/test_tiny_demo.py)
+
 # Settings a model brings unless they are given: the tiny random model has no pretrained weights,
-# and its context is 256 tokens.
-MODEL_PRESETS = {TINY_NAME: {"weights": "random", "allowed_max_length": 256}}
+# its context is 256 tokens, and it trains with the demo settings above.
+MODEL_PRESETS = {TINY_NAME: {"weights": "random", "allowed_max_length": 256, **TINY_DEMO_SETTINGS}}
+# Why a model's preset differs from the chapter, for the Fine-tune page (``TrainConfig.preset_note``).
+PRESET_REASONS = {TINY_NAME: "Its random weights need a far higher learning rate to learn within about two "
+                             "minutes on a CPU: the validation loss falls from above 10 to below "
+                             f"{TINY_DEMO_VAL_LOSS:g}. Real GPT-2 weights keep the chapter's settings"}
+QUICK_RUN_ANSWERS = 32  # test entries answered after a run that max_steps cut short: one batch (RESPONSE_BATCH)
 
 
 def _prompt_styles():
@@ -80,7 +95,8 @@ class TrainConfig:
     # model
     model: str = setting("gpt2-medium (355M)", "model to fine-tune: one of " + ", ".join(MODEL_NAMES)
                          + " (also '124M', 'gpt2-small', ...). 'tiny' is a small RANDOMLY initialised model "
-                         "for offline demos and tests", group="model", choices=lambda: tuple(MODEL_NAMES))
+                         "for offline demos and tests, with demo settings of its own (a higher lr, 3 epochs)",
+                         group="model", choices=lambda: tuple(MODEL_NAMES))
     weights: str = setting("openai", "where the starting weights come from: OpenAI's TensorFlow checkpoint (the "
                            "book), Hugging Face safetensors (no TensorFlow needed) or random (any size, offline: "
                            "for benchmarks; such runs are labelled RANDOM); the tiny model is always random",
@@ -126,6 +142,10 @@ class TrainConfig:
                                  low=0, high=1024)
     response_tokens: int = setting(256, "max new tokens per test answer after training", group="evaluation",
                                    low=1, high=1024)
+    answer_limit: int | None = setting(None, "answer only the first N test entries after training (default: "
+                                       "all, as the chapter; a run that max_steps cuts short answers the first "
+                                       f"{QUICK_RUN_ANSWERS}, so a quick run stays quick: the Compare page answers "
+                                       "the rest)", group="evaluation", low=1)
     # reproducibility and hardware
     seed: int = setting(123, "random seed (data order, random weights)", group="speed", low=0)
     device: str = setting("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps", group="speed")
@@ -168,6 +188,29 @@ class TrainConfig:
     def defaults_for(cls, model):
         """The defaults a page shows once ``model`` is picked (its preset applied)."""
         return cls.from_settings(model=model)
+
+    @classmethod
+    def preset_note(cls, model):
+        """What the page says about ``model``'s preset: why it differs from the chapter and the settings
+        it changes (say "lr 5e-3 (the chapter's 5e-05)"); None for a model that trains as the chapter."""
+        name = canonical_name_or_none(model)
+        reason = PRESET_REASONS.get(name)
+        if reason is None:
+            return None
+        chapter = {f.name: f.default for f in fields(cls)}
+        changed = [NOTE_NAMES.get(k, k + " {}").format(_short(v)) + f" (the chapter: {_short(chapter[k])})"
+                   for k, v in MODEL_PRESETS[name].items() if k not in ("weights", "allowed_max_length")]
+        return f"{name} trains with demo settings of its own, not the chapter's: {', '.join(changed)}. {reason}."
+
+    def answers_after_training(self, n_test, *, cut_short=None):
+        """How many test entries (the first ones) a run answers after training: ``answer_limit`` if set,
+        else all ``n_test``, or ``QUICK_RUN_ANSWERS`` where max_steps cut training short of its epochs
+        (``cut_short``: whether it did; None: whenever max_steps is set)."""
+        if self.answer_limit is not None:
+            return min(n_test, self.answer_limit)
+        if cut_short if cut_short is not None else self.max_steps is not None:
+            return min(n_test, QUICK_RUN_ANSWERS)
+        return n_test
 
     @classmethod
     def chapter_path(cls, **overrides):
@@ -263,12 +306,28 @@ class TrainConfig:
         return cls.from_dict(data, source=os.fspath(path))
 
 
+NOTE_NAMES = {"lr": "learning rate {}", "eval_freq": "evaluation every {} steps", "epochs": "{} epochs",
+              "response_tokens": "at most {} tokens per test answer", "batch_size": "batch size {}"}
+
+
+def _short(value):
+    """5e-3 as "5e-3", 10 as "10"."""
+    if isinstance(value, float) and value and abs(value) < 1e-2:
+        mantissa, exponent = f"{value:.1e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def canonical_name_or_none(model):
+    try:
+        return canonical_model_name(model)
+    except ValueError:
+        return None
+
+
 def model_preset(model):
     """Settings that ``model`` brings unless given (``MODEL_PRESETS``); {} for an unknown name."""
-    try:
-        return dict(MODEL_PRESETS.get(canonical_model_name(model), {}))
-    except ValueError:
-        return {}
+    return dict(MODEL_PRESETS.get(canonical_name_or_none(model), {}))
 
 
 def field_type(f):

@@ -8,6 +8,7 @@ each phase. Under ``torchrun`` every rank runs ``execute_run``; only rank 0 hold
 writes the run folder and answers. A run always reaches a final state: a launch that fails,
 a worker that dies, a diverging loss and a full disk each end as "failed" with the reason.
 """
+import math
 import os
 import signal
 import subprocess
@@ -164,7 +165,8 @@ def _take_lock(run, key):
 
 def execute_run(run, *, resume=False, responses=True, callbacks=(), dist=None):
     """Train ``run`` in this process (what the worker does): lock the device, train (or resume),
-    save the final weights, answer the test split; status.json follows each phase.
+    save the final weights, answer the test split (as much as ``config.answers_after_training``
+    allows); status.json follows each phase.
 
     ``dist``: a ``sft.studio.distributed.DistContext`` under torchrun. Ranks other than 0 only
     train (no lock, no files); rank 0 does everything else once training ends.
@@ -289,6 +291,10 @@ def _write_responses(run, trainer, test, callbacks=()):
         for callback in callbacks:
             callback(event)
 
+    # The run's own limits bound the answers too: answer_limit, or one batch after a max_steps cut.
+    config = trainer.config
+    full_steps = config.epochs * math.ceil(len(trainer.train_loader) / config.grad_accum_steps)
+    test = test[:config.answers_after_training(len(test), cut_short=trainer.total_steps < full_steps)]
     # Answer in bf16 where the model trained under bf16 autocast (bf16 is fast here).
     return answer_entries(trainer.model, test, get_tokenizer(), prompt_style=trainer.config.prompt_style,
                           max_new_tokens=trainer.config.response_tokens,

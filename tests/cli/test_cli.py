@@ -92,7 +92,8 @@ def test_tiny_train_then_generate(capsys, tmp_path):
     assert "Run state: completed" in out
     run = tmp_path / "cli"
     config = json.loads((run / "config.json").read_text())
-    assert (config["model"], config["weights"], config["max_steps"], config["lr"]) == ("tiny", "random", 3, 5e-05)
+    # the flags given, then the tiny model's preset (random weights, its demo learning rate)
+    assert (config["model"], config["weights"], config["max_steps"], config["lr"]) == ("tiny", "random", 3, 5e-3)
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e["type"] == "step"] == [0, 1, 2]
     assert json.loads((run / "status.json").read_text())["state"] == "completed"
