@@ -5,9 +5,13 @@ three-stage pipeline with what this machine has to run it.
 """
 import streamlit as st
 
-from ui import loaders, state
-
 st.set_page_config(page_title="SFT Studio", page_icon=":material/school:", layout="wide")
+from ui import boot  # noqa: E402  first: a cold server's first visitor sees that it is starting
+
+from ui import loaders, state  # noqa: E402  (imports torch)
+
+boot.done()
+st.set_option("client.showSidebarNavigation", True)  # config.toml hides it only for the legacy pages/ mode
 state.init_state()
 
 
@@ -51,15 +55,18 @@ def home():
             st.write(f"{mark} {name}" + (f" ({source})" if source else ": not downloaded"))
         st.caption(f"Folder: `{state.models_dir()}`. Download on the Fine-tune page.")
     with c3.container(border=True):
-        st.markdown("**Judge server (Ollama)**")
-        url = state.ollama_url()
-        status = loaders.ollama_status(url)
+        ss = st.session_state  # the judge the Judge page uses (kept in the workspace), else Ollama's default
+        backend, url = ss.get("judge_backend") or "ollama", ss.get("judge_url") or state.ollama_url()
+        st.markdown("**Judge server** (" + ("Ollama" if backend == "ollama" else "OpenAI-compatible") +
+                    f", model `{ss.get('judge_model') or 'llama3'}`)")
+        status = loaders.judge_status(backend, url)
         if status["ok"]:
             models = ", ".join(status["models"]) or "no models pulled yet"
             st.write(f":material/check_circle: answers at `{url}`: {models}")
         else:
             st.write(f":material/cancel: not reachable at `{url}`")
             st.caption(status["error"] or "Start it with `ollama serve` to score answers on the Judge page.")
+        st.caption("Set on the Judge page.")
 
 
 PAGES = {

@@ -104,11 +104,11 @@ def weights_status() -> dict:
 
 
 @st.cache_data(ttl=30, show_spinner=False)
-def ollama_status(url: str) -> dict:
-    """{"ok", "models", "error"} from sft.judge's health check (GET /api/tags, short time-out)."""
-    from sft.judge import ollama_status as ask
+def judge_status(backend: str, url: str) -> dict:
+    """{"ok", "models", "error"} from the judge client's health check (short time-out)."""
+    from sft.judge import make_client
 
-    status = ask(url, timeout=1.5)
+    status = make_client(backend, "-", url).status(timeout=1.5)
     return {"ok": bool(status.reachable and not status.error), "models": list(status.models),
             "error": status.error}
 
