@@ -14,6 +14,7 @@ from ..prompts import get_prompt_style
 from ..tokenizer import ENDOFTEXT, EOT_ID
 from .forward import forward_hidden
 from .kvcache import new_kv_cache
+from .lora import linear
 
 def _left_pad(seqs, device, pad_id=0):
     """Lists of ids -> ids (B, T) padded on the left, and pad_mask (B, T) (None if no padding).
@@ -53,7 +54,7 @@ def last_logits(model, ids, **kwargs):
     The output head (vocab x emb_dim, a third of gpt2-small's weights) then runs on one
     position per row, not on every prompt position as ``model(ids)[:, -1]`` would.
     """
-    return model.out_head(forward_hidden(model, ids, **kwargs)[:, -1, :])
+    return linear(model.out_head, forward_hidden(model, ids, **kwargs)[:, -1, :])
 
 
 @torch.inference_mode()

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from ..model import check_length
 from . import kernels
 from .kvcache import positions_and_mask
+from .lora import linear
 from .packed import Packed
 
 
@@ -86,7 +87,7 @@ def _book_blocks(model, x, checkpointing):
 
 def forward(model, in_idx, **kwargs):
     """Logits (B, T, vocab) (or (N, vocab) with ``lengths``): ``forward_hidden`` then the output head."""
-    return model.out_head(forward_hidden(model, in_idx, **kwargs))
+    return linear(model.out_head, forward_hidden(model, in_idx, **kwargs))
 
 
 class FastGPT(nn.Module):
@@ -108,4 +109,4 @@ class FastGPT(nn.Module):
             raise ValueError("lengths (packed rows) needs the fused kernels")
         hidden = forward_hidden(self.model, in_idx, lengths=lengths, checkpointing=self.checkpointing,
                                 fused=self.fused)
-        return hidden if return_hidden else self.model.out_head(hidden)
+        return hidden if return_hidden else linear(self.model.out_head, hidden)

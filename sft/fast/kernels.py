@@ -9,6 +9,8 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from .lora import linear
+
 # Rows up to this many tokens take the plain attention formula on CPU in bf16: two bf16 matrix
 # products and an fp32 softmax beat PyTorch's fused kernels there (torch 2.13), which win on long rows.
 CPU_MATH_ATTENTION_MAX_TOKENS = 128
@@ -27,7 +29,7 @@ def gelu(x):
 def feed_forward(ff, x):
     """``ff(x)`` (a book ``FeedForward``: Linear, GELU, Linear) with the fused GELU."""
     expand, _, project = ff.layers
-    return project(gelu(expand(x)))
+    return linear(project, gelu(linear(expand, x)))
 
 
 def attention(att, x, *, attn_mask=None, kv=None, packed=None):
@@ -39,7 +41,7 @@ def attention(att, x, *, attn_mask=None, kv=None, packed=None):
     attention on the (B, T) layout.
     """
     b, num_tokens = packed.keep.shape if packed is not None else x.shape[:2]
-    queries, keys, values = att.W_query(x), att.W_key(x), att.W_value(x)
+    queries, keys, values = linear(att.W_query, x), linear(att.W_key, x), linear(att.W_value, x)
     if packed is not None:  # one scatter for all three (B, T, 3 * d_out), not three
         queries, keys, values = packed.scatter(torch.cat([queries, keys, values], dim=-1)).chunk(3, dim=-1)
 
@@ -70,7 +72,7 @@ def attention(att, x, *, attn_mask=None, kv=None, packed=None):
     context_vec = context_vec.transpose(1, 2).reshape(b, num_tokens, att.d_out)
     if packed is not None:
         context_vec = packed.gather(context_vec)  # back to (N, d_out)
-    return att.out_proj(context_vec)
+    return linear(att.out_proj, context_vec)
 
 
 def causal_attention_formula(queries, keys, values, dropout_p):

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..batching import IGNORE_INDEX
+from .lora import linear
 
 
 def counted_lengths(targets, ignore_index=IGNORE_INDEX):
@@ -31,7 +32,7 @@ def masked_head_loss(forward, out_head, inputs, targets, *, reduction="mean", ig
     positions = torch.arange(1, targets.shape[1] + 1, device=targets.device)
     kept = positions[None, :] <= lengths[:, None]  # (B, T): the M positions computed
     keep = counted[kept]  # (M,)
-    logits = out_head(hidden[keep])  # (N, vocab): only the N positions that count
+    logits = linear(out_head, hidden[keep])  # (N, vocab): only the N positions that count
     return F.cross_entropy(logits.float(), targets[kept][keep], reduction=reduction)
 
 
