@@ -291,25 +291,34 @@ def batch_anatomy(inputs, targets, tokenizer, *, entries=None, prompt_lengths=No
             "tokens_in_loss": sum(c["in_loss"] for c in cells)}
 
 
+# The kinds of problem, in the order an example is counted under (each example under one kind only:
+# a cut that loses the end-of-text also leaves it without one, and is counted as the cut).
+CHECK_KINDS = ("cut_before_response", "cut_in_response", "not_one_eot", "wholly_masked")
+
+
 def pretraining_checks(dataset_or_data, tokenizer, *, allowed_max_length=1024, mask_instruction=False,
                        prompt_style="alpaca", pad_token_id=50256, ignore_index=IGNORE_INDEX, chunk_size=256):
-    """Checks before training, run through ``custom_collate_fn`` itself.
+    """Checks before training, run through ``custom_collate_fn`` itself, counted in examples.
 
     Each example must keep exactly one trained end-of-text target and at least one
     trained target; examples cut by ``allowed_max_length`` are listed with how many
     response tokens (its end-of-text included) they lose. An ``InstructionDataset`` is
     checked with its own prompt style and masking; the keyword options apply to a list of entries.
-    Returns a dict: ok, n_examples, problems (plain sentences), not_one_eot, wholly_masked,
-    truncated (dicts: index, length, prompt_length, response_tokens, response_tokens_lost),
-    tokens_in_loss.
+    Returns a dict: ok, n_examples, n_affected (examples with any problem), kinds (each
+    ``CHECK_KINDS`` name: the indices of the examples counted under it, each example under
+    one kind), summary (one sentence per kind found, "N of M examples ..."), problems (one
+    plain line per affected example), and the facts, which overlap: not_one_eot,
+    wholly_masked, truncated (dicts: index, length, prompt_length, response_tokens,
+    response_tokens_lost), tokens_in_loss.
     """
     dataset = dataset_or_data
     if not isinstance(dataset, InstructionDataset):
         dataset = InstructionDataset(dataset, tokenizer, prompt_style=prompt_style, mask_instruction=mask_instruction)
     collate = partial(custom_collate_fn, pad_token_id=pad_token_id, ignore_index=ignore_index,
                       allowed_max_length=allowed_max_length)
-    report = {"n_examples": len(dataset), "problems": [], "not_one_eot": [], "wholly_masked": [],
-              "truncated": [], "tokens_in_loss": 0}
+    report = {"n_examples": len(dataset), "not_one_eot": [], "wholly_masked": [], "truncated": [],
+              "tokens_in_loss": 0}
+    lines = {}  # example index -> what is wrong with it, in words
     for start in range(0, len(dataset), chunk_size):
         chunk = [dataset[i] for i in range(start, min(start + chunk_size, len(dataset)))]
         longest = max(len(item[1] if isinstance(item, tuple) else item) for item in chunk)
@@ -319,12 +328,14 @@ def pretraining_checks(dataset_or_data, tokenizer, *, allowed_max_length=1024, m
             n_eot = int((row == pad_token_id).sum())
             n_loss = int((row != ignore_index).sum())
             report["tokens_in_loss"] += n_loss
-            if n_loss == 0:
-                report["wholly_masked"].append(i)
-                report["problems"].append(f"example {i}: every target is masked, so it adds nothing to the loss")
             if n_eot != 1:
                 report["not_one_eot"].append(i)
-                report["problems"].append(f"example {i}: {n_eot} trained end-of-text tokens, expected exactly 1")
+                lines.setdefault(i, []).append(f"{n_eot} trained end-of-text tokens, expected exactly 1")
+            if n_loss == 0:
+                report["wholly_masked"].append(i)
+                lines.setdefault(i, []).append("every target is masked, so it adds nothing to the loss")
+    kinds = {kind: [] for kind in CHECK_KINDS}
+    cut = {}
     for i, ids in enumerate(dataset.encoded_texts):
         if allowed_max_length is not None and len(ids) > allowed_max_length:
             prompt_length = dataset.prompt_lengths[i]
@@ -332,10 +343,50 @@ def pretraining_checks(dataset_or_data, tokenizer, *, allowed_max_length=1024, m
             # Targets prompt_length-1 .. len(ids)-1 predict the response; those past the cut are lost.
             kept = max(0, allowed_max_length - max(prompt_length - 1, 0))
             lost = response_tokens - min(kept, response_tokens)
-            report["truncated"].append({"index": i, "length": len(ids), "prompt_length": prompt_length,
-                                        "response_tokens": response_tokens, "response_tokens_lost": lost})
-            report["problems"].append(
-                f"example {i}: {len(ids)} tokens, cut to {allowed_max_length}; "
-                f"loses {lost} of its {response_tokens} response tokens (end-of-text included)")
-    report["ok"] = not report["problems"]
+            cut[i] = {"index": i, "length": len(ids), "prompt_length": prompt_length,
+                      "response_tokens": response_tokens, "response_tokens_lost": lost}
+            report["truncated"].append(cut[i])
+            where = "before its response starts" if lost == response_tokens else "inside its response"
+            kinds["cut_before_response" if lost == response_tokens else "cut_in_response"].append(i)
+            lines.setdefault(i, []).insert(0, f"{len(ids)} tokens, cut to {allowed_max_length} {where}; loses "
+                                              f"{lost} of its {response_tokens} response tokens (end-of-text included)")
+    counted = set(cut)
+    for kind in ("not_one_eot", "wholly_masked"):
+        kinds[kind] = [i for i in report[kind] if i not in counted]
+        counted.update(kinds[kind])
+    report["kinds"] = kinds
+    report["n_affected"] = len(lines)
+    report["problems"] = [f"example {i}: " + "; ".join(lines[i]) for i in sorted(lines)]
+    report["summary"] = _check_summary(kinds, cut, set(report["wholly_masked"]), len(dataset), allowed_max_length)
+    report["ok"] = not lines
     return report
+
+
+def _check_summary(kinds, cut, wholly_masked, n, allowed_max_length):
+    """One sentence per kind of problem found: how many examples, and what it costs the training."""
+    sentences = []
+    before, inside = kinds["cut_before_response"], kinds["cut_in_response"]
+    if before:
+        masked = sum(i in wholly_masked for i in before)
+        sentence = (f"{len(before)} of {n} examples are cut to {allowed_max_length} tokens before their response "
+                    "starts: none of the response and no end-of-text target is left to learn")
+        if masked == len(before):
+            sentence += "; with the instruction masked, every target is -100, so they add nothing to the loss"
+        elif masked:
+            sentence += f"; {masked} of them have every target masked and add nothing to the loss"
+        else:
+            sentence += "; only their prompt tokens train"
+        sentences.append(sentence)
+    if inside:
+        lost = sum(cut[i]["response_tokens_lost"] for i in inside)
+        total = sum(cut[i]["response_tokens"] for i in inside)
+        sentences.append(f"{len(inside)} of {n} examples are cut to {allowed_max_length} tokens inside their "
+                         "response: they lose their end-of-text target, so they do not teach where to stop, and "
+                         f"{lost} of their {total} response tokens (end-of-text included) in all")
+    if kinds["not_one_eot"]:
+        sentences.append(f"{len(kinds['not_one_eot'])} of {n} examples do not keep exactly one end-of-text "
+                         "target, so the model would not learn where to stop on them")
+    if kinds["wholly_masked"]:
+        sentences.append(f"{len(kinds['wholly_masked'])} of {n} examples have every target masked and "
+                         "teach nothing")
+    return sentences

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from sft.batching import (
-    InstructionDataset, LengthGroupedBatchSampler, batch_anatomy, create_data_loaders, custom_collate_draft_1,
-    custom_collate_draft_2, custom_collate_fn, get_batch, pretraining_checks,
+    CHECK_KINDS, InstructionDataset, LengthGroupedBatchSampler, batch_anatomy, create_data_loaders,
+    custom_collate_draft_1, custom_collate_draft_2, custom_collate_fn, get_batch, pretraining_checks,
 )
 from sft.data import split_data
 from sft.prompts import format_input
@@ -261,6 +261,8 @@ def test_pretraining_checks_pass_on_the_chapter_data(splits, tokenizer):
         report = pretraining_checks(splits[0][:200], tokenizer, mask_instruction=mask)
         assert report["ok"] and report["problems"] == [] and report["n_examples"] == 200
         assert report["truncated"] == report["not_one_eot"] == report["wholly_masked"] == []
+        assert report["n_affected"] == 0 and report["summary"] == []
+        assert report["kinds"] == {kind: [] for kind in CHECK_KINDS}
     dataset = InstructionDataset(splits[0][:8], tokenizer)
     _, targets = custom_collate_fn(dataset)
     assert pretraining_checks(dataset, tokenizer)["tokens_in_loss"] == int((targets != -100).sum())
@@ -279,18 +281,46 @@ def test_pretraining_checks_name_truncated_and_wholly_masked(instruction_data, t
     response_tokens = lengths[0] - prompts[0] + 1
     assert first == {"index": 0, "length": lengths[0], "prompt_length": prompts[0],
                      "response_tokens": response_tokens, "response_tokens_lost": response_tokens - 4}
-    assert 0 in report["not_one_eot"]
-    assert f"example 0: {lengths[0]} tokens, cut to {cut}; loses {response_tokens - 4} of its " \
-           f"{response_tokens} response tokens (end-of-text included)" in report["problems"]
+    assert 0 in report["not_one_eot"] and 0 in report["kinds"]["cut_in_response"]
+    # One line per example, naming each of its problems: the cut, then the end-of-text it loses.
+    assert report["problems"][0] == (f"example 0: {lengths[0]} tokens, cut to {cut} inside its response; loses "
+                                     f"{response_tokens - 4} of its {response_tokens} response tokens "
+                                     "(end-of-text included); 0 trained end-of-text tokens, expected exactly 1")
+    assert len(report["problems"]) == report["n_affected"]
     # cut inside the prompt with masking on: nothing left to train
     short = min(prompts) - 5
     report = pretraining_checks(entries, tokenizer, allowed_max_length=short, mask_instruction=True)
     assert report["wholly_masked"] == [0, 1, 2]
     assert all(t["response_tokens_lost"] == t["response_tokens"] for t in report["truncated"])
-    assert "example 1: every target is masked, so it adds nothing to the loss" in report["problems"]
+    assert report["problems"][1].startswith(f"example 1: {lengths[1]} tokens, cut to {short} before its response")
+    assert report["problems"][1].endswith("; every target is masked, so it adds nothing to the loss")
+    # Three examples, each with three problems (cut, no end-of-text, wholly masked): counted as 3, under one kind.
+    assert report["n_affected"] == 3 and len(report["problems"]) == 3
+    assert report["kinds"] == {"cut_before_response": [0, 1, 2], "cut_in_response": [], "not_one_eot": [],
+                               "wholly_masked": []}
+    assert report["summary"] == [
+        f"3 of 3 examples are cut to {short} tokens before their response starts: none of the response and no "
+        "end-of-text target is left to learn; with the instruction masked, every target is -100, so they add "
+        "nothing to the loss"]
     # same cut without masking: prompt targets still train, but no end-of-text is learned
     report = pretraining_checks(entries, tokenizer, allowed_max_length=short)
     assert report["wholly_masked"] == [] and report["not_one_eot"] == [0, 1, 2]
+    assert report["summary"][0].endswith("; only their prompt tokens train")
+
+
+def test_pretraining_checks_count_examples_by_kind_not_problems(splits, tokenizer):
+    """allowed_max_length 48 with masking on the chapter's train split: 793 examples are cut (81 before the
+    response, 712 inside it); counting each problem (cut, no end-of-text, wholly masked) gave 1667."""
+    report = pretraining_checks(splits[0], tokenizer, allowed_max_length=48, mask_instruction=True)
+    sizes = {kind: len(found) for kind, found in report["kinds"].items()}
+    assert sizes == {"cut_before_response": 81, "cut_in_response": 712, "not_one_eot": 0, "wholly_masked": 0}
+    assert report["n_affected"] == len(report["problems"]) == 793 == len(report["truncated"])
+    assert len(report["truncated"]) + len(report["not_one_eot"]) + len(report["wholly_masked"]) == 1667
+    inside = set(report["kinds"]["cut_in_response"])
+    lost = sum(t["response_tokens_lost"] for t in report["truncated"] if t["index"] in inside)
+    assert report["summary"][0].startswith("81 of 935 examples are cut to 48 tokens before their response starts")
+    assert report["summary"][1].startswith("712 of 935 examples are cut to 48 tokens inside their response")
+    assert f"and {lost} of their" in report["summary"][1]
 
 
 def test_the_exercises_names_as_the_solutions_spell_them(instruction_data, tokenizer):
