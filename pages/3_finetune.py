@@ -150,16 +150,16 @@ method = st.radio("Method", ["full", "LoRA"], horizontal=True, key="ft_method",
                   help="LoRA freezes the model and trains small low-rank adapters beside its Linear layers "
                        "(appendix E): far fewer trainable parameters, no optimizer state for the frozen weights.")
 if method == "LoRA":
-    c = st.columns([1, 1, 3, 1])
+    c = st.columns([1, 1, 1, 3])  # the layers get a row of their own: all seven chips show at 1280 px
     for key, value in (("ft_lora_rank", 16), ("ft_lora_alpha", 16.0), ("ft_lora_targets", list(LORA_TARGETS)),
                        ("ft_lora_dropout", 0.0)):  # exercise 7.4's; the values live in session state
         state.start_widget(key, value)
     given["lora_rank"] = int(c[0].number_input("Rank", 1, 1024, key="ft_lora_rank"))
     given["lora_alpha"] = float(c[1].number_input("Alpha", 0.0, 100000.0, key="ft_lora_alpha",
                                                   help="The update is scaled by alpha / rank."))
-    targets = c[2].multiselect("Layers with adapters", list(LORA_TARGETS), key="ft_lora_targets",
-                               help="Every Linear is the book's choice.")
-    given["lora_dropout"] = float(c[3].number_input("Dropout", 0.0, 0.99, step=0.05, key="ft_lora_dropout"))
+    given["lora_dropout"] = float(c[2].number_input("Dropout", 0.0, 0.99, step=0.05, key="ft_lora_dropout"))
+    targets = st.multiselect("Layers with adapters", list(LORA_TARGETS), key="ft_lora_targets",
+                             help="Every Linear is the book's choice.")
     given["lora_targets"] = "all" if set(targets) == set(LORA_TARGETS) else ",".join(targets)
     if targets:
         trainable, total, share = lora_counts(model, given["lora_rank"], targets)
