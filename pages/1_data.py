@@ -1,4 +1,5 @@
 """Data: choose the instruction dataset, check it, read it, see its lengths and the chapter's split."""
+from ui import boot  # noqa: F401  first: a cold server's first visitor sees that it is starting
 import hashlib
 import json
 

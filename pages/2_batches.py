@@ -1,6 +1,7 @@
 """Batches: one training batch taken apart, how each target is the next input, why -100, the chapter's toy
 batch, and the checks on every example. Laid out for a projector at 1280x720: the controls and the grid on
 the first screen, the -100 demo right below."""
+from ui import boot  # noqa: F401  first: a cold server's first visitor sees that it is starting
 import pandas  # noqa: F401  imported before Plotly's use: a first-render import race was seen without it
 import streamlit as st
 import torch

@@ -1,5 +1,6 @@
 """Fine-tune: pick a model and settings, start a training worker, watch it live, stop and resume it;
 rename, delete or run again the runs made so far."""
+from ui import boot  # noqa: F401  first: a cold server's first visitor sees that it is starting
 import time
 
 import pandas  # noqa: F401  imported before Plotly's use: a first-render import race was seen without it

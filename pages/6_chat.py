@@ -1,4 +1,5 @@
 """Chat: talk to a base GPT-2 or a fine-tuned run, one message at a time, the answer streamed as it is written."""
+from ui import boot  # noqa: F401  first: a cold server's first visitor sees that it is starting
 import streamlit as st
 
 from sft.prompts import PROMPT_STYLES

@@ -1,4 +1,5 @@
 """Experiments: runs compared (curves overlaid, only the settings that differ, each run's figures), the queue."""
+from ui import boot  # noqa: F401  first: a cold server's first visitor sees that it is starting
 import pandas  # noqa: F401  imported before Plotly's use: a first-render import race was seen without it
 import streamlit as st
 

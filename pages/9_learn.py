@@ -1,4 +1,5 @@
 """Learn: where the loss comes from, token by token, under the base model and a fine-tuned run."""
+from ui import boot  # noqa: F401  first: a cold server's first visitor sees that it is starting
 import pandas  # noqa: F401  imported before Plotly's use: a first-render import race was seen without it
 import streamlit as st
 
