@@ -8,9 +8,11 @@ import torch
 from sft.model import canonical_model_name
 from sft.studio.answers import answer_entries
 from sft.studio.files import read_json
+from sft.studio.jobs import JOB_ACTIVE, Job, JobError, answer_job_folder, start_answer_job
 from sft.studio.runs import ACTIVE_STATES
 from sft.weights import weights_available
 from ui import figures, loaders, snippets, state, widgets
+from ui import jobs as job_ui
 
 state.init_state()
 ss = st.session_state
@@ -94,20 +96,68 @@ for r in ss.get("cmp_results") or []:
         c[2].markdown(f"*Fine-tuned: {r['run']}*")
         c[2].write(r["tuned"] or "(empty answer)")
 
-# ---- the whole test split, into the run folder ----
+# ---- the whole test split, into the run folder: a background job (sft.studio.jobs) ----
 st.subheader("The whole test split")
 st.caption(f"The chapter's `instruction-data-with-response.json`: each of the {len(test)} test entries with the "
-           "fine-tuned model's answer, saved in the run folder (the Judge page scores it).")
+           "fine-tuned model's answer, saved in the run folder (the Judge page scores it). It is answered in a "
+           "process of its own: change settings, leave the page or close the tab meanwhile; nothing is lost.")
+job = Job(answer_job_folder(run))
 busy = run.state in ACTIVE_STATES
-if st.button(f"Generate all {len(test)} answers", key="cmp_all", disabled=busy or not test,
-             help="Waits for the run to finish." if busy else None):
-    bar = st.progress(0.0, text="Answering the test split…")
-    answer(loaders.finetuned_model(str(run.path), weights_path, mtime, bf16), test, out_path=run.responses_path,
-           progress=lambda done, total: bar.progress(done / total, text=f"{done} of {total} answered"))
-if run.responses_path.is_file():
-    results = read_json(run.responses_path)
-    st.success(f"{len(results)} answers in `{run.responses_path}`.", icon=":material/check_circle:")
+
+
+def generate_all():  # a callback: the page is then drawn with the job running (the button disabled)
+    try:
+        start_answer_job(run, test, max_new_tokens=max_new, temperature=temperature, top_k=top_k or None, seed=seed,
+                         precision="bf16" if bf16 else "fp32")
+    except JobError as exc:  # another session started it a moment ago
+        ss.cmp_job_error = str(exc)
+
+
+job_status = job.status()
+running = job_status.get("state") in JOB_ACTIVE
+st.button(f"Generate all {len(test)} answers", key="cmp_all", disabled=busy or running or not test,
+          on_click=generate_all, help="Waits for the run to finish." if busy else "Answering already." if running
+          else "With the decoding settings and precision above.")
+if ss.get("cmp_job_error"):
+    st.error(ss.pop("cmp_job_error"), icon=":material/error:")
+
+def show_answers(path, status):
+    """How the last job ended, and the answers saved in the run folder: a table and one row in full."""
+    ended = job_ui.ended(status, counted="answered", saved=f"the {status.get('done') or 0} answers so far are "
+                         f"saved in `{path}`.", again="Generate all goes on from there with the same settings (other "
+                         "settings start again).")
+    if not path.is_file():
+        return
+    results = read_json(path) or []
+    if ended not in ("stopped", "failed"):
+        st.success(f"{len(results)} answers in `{path}`.", icon=":material/check_circle:")
     st.download_button("Download instruction-data-with-response.json", json.dumps(results, indent=4),
                        file_name="instruction-data-with-response.json", mime="application/json", key="cmp_dl")
-    st.dataframe(figures.frame(results)[["instruction", "output", "model_response"]], key="cmp_table",
-                 height=240)
+    if not results:
+        return
+    table = figures.frame(results)
+    first = [c for c in ("instruction", "model_response", "output") if c in table.columns]
+    table = table[first + [c for c in table.columns if c not in first]]
+    text = st.column_config.TextColumn  # rows taller than 4rem wrap their text
+    picked_row = st.dataframe(
+        table, key="cmp_table", height=400, row_height=96, on_select="rerun", selection_mode="single-row",
+        column_config={"instruction": text("instruction", width="medium"),
+                       "model_response": text("model_response", width="large"),
+                       "output": text("output (reference)", width="large"), "input": text("input", width="small")})
+    rows = picked_row.selection.rows if picked_row else []
+    if not rows:
+        return st.caption("Select a row to read it in full.")
+    r = results[rows[0]]
+    with st.container(border=True, key="cmp_detail"):
+        st.markdown(f"**{r.get('instruction', '')}**" + (f"  \nInput: {r['input']}" if r.get("input") else ""))
+        c = st.columns(2)
+        c[0].markdown("*Fine-tuned answer*")
+        c[0].write(r.get("model_response") or "(empty answer)")
+        c[1].markdown("*Reference*")
+        c[1].write(r.get("output") or "(none)")
+
+
+if running:
+    job_ui.watch(job, key="cmp_job", counted="answered")
+else:
+    show_answers(run.responses_path, job_status)

@@ -115,8 +115,9 @@ def score_responses(json_data, json_key, model="llama3", *, url=OLLAMA_URL, clie
     reused, so an interrupted run resumes without asking again; ``retry_unparsed`` asks again
     the items whose stored reply held no score. ``concurrency`` > 1 asks that many questions at
     once. ``progress(done, total)`` and ``on_record(record)`` are called from the calling
-    thread. If the judge fails, the exception is raised after the records obtained are stored;
-    they are also on ``exc.records``.
+    thread. If the judge fails, or ``progress`` or ``on_record`` raises (a job's stop), the
+    exception is raised after the records obtained, those in flight too, are stored; they are
+    also on ``exc.records``.
     """
     if not 1 <= int(concurrency) <= 32:
         raise ValueError(f"concurrency must be between 1 and 32, got {concurrency}")
@@ -138,10 +139,13 @@ def score_responses(json_data, json_key, model="llama3", *, url=OLLAMA_URL, clie
                 "output": entry["output"], "response": entry[json_key],
                 "score": parse_score(raw), "raw": raw}
 
-    def keep(record):
+    def save(record):
         if store is not None:
             store.append(record)
         results[record["index"]] = record
+
+    def keep(record):
+        save(record)
         if on_record:
             on_record(record)
         if progress:
@@ -153,7 +157,7 @@ def score_responses(json_data, json_key, model="llama3", *, url=OLLAMA_URL, clie
             for i in todo:
                 keep(ask(i))
         else:
-            _ask_concurrently(ask, keep, todo, concurrency)
+            _ask_concurrently(ask, keep, save, todo, concurrency)
     except BaseException as exc:
         exc.records = [results[i] for i in sorted(results)]
         where = f" and saved in {store.path}; run again to resume" if store is not None else ""
@@ -162,21 +166,39 @@ def score_responses(json_data, json_key, model="llama3", *, url=OLLAMA_URL, clie
     return [results[i] for i in range(total)]
 
 
-def _ask_concurrently(ask, keep, todo, concurrency):
+def _ask_concurrently(ask, keep, save, todo, concurrency):
+    """Ask ``todo`` on ``concurrency`` threads; ``keep`` each record as it arrives. After an error
+    (the judge's, or one ``keep`` raised: a stop from ``progress``) nothing new is asked, the answers
+    in flight are still saved (``save``: without callbacks), and the first error is raised."""
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="judge")
     try:
         futures = [pool.submit(ask, i) for i in todo]
-        error = None
+        error, quiet = None, False
+
+        def fail(exc):
+            nonlocal error
+            if error is None:
+                error = exc
+                for other in futures:
+                    other.cancel()
+
         for fut in as_completed(futures):
             try:
                 record = fut.result()
             except BaseException as exc:  # keep the answers still in flight, then raise the first error
-                if error is None:
-                    error = exc
-                    for other in futures:
-                        other.cancel()
+                fail(exc)
                 continue
-            keep(record)
+            if quiet:
+                try:
+                    save(record)
+                except Exception:  # a full disk: the first error is the one to report
+                    pass
+                continue
+            try:
+                keep(record)
+            except BaseException as exc:  # a callback said stop: save what is in flight, quietly
+                quiet = True
+                fail(exc)
         if error is not None:
             raise error
     finally:

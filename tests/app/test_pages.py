@@ -348,13 +348,24 @@ def test_compare_page_answers_side_by_side_and_the_whole_split(trained_run):
     md = texts(at.markdown)
     assert md.count("*Reference*") == 3 and "*Base: tiny (random)*" in md and "*Fine-tuned: trained*" in md
 
+    from sft.studio.jobs import Job
+
     trained_run.responses_path.unlink()
-    at.button(key="cmp_all").click().run()
+    at.button(key="cmp_all").click().run()  # a background job: the page watches it, nothing stale is shown
     assert not at.exception
+    assert at.button(key="cmp_all").disabled and at.button(key="cmp_job_stop").label == "Stop"
+    assert not at.success and at.progress[0].value < 100
+    job = Job(trained_run.path / "jobs" / "answers")
+    assert job.params["max_new_tokens"] == 5 and job.params["run"] == str(trained_run.path)
+    assert job.wait(timeout=120)["state"] == "completed", job.tail_log()
+    at.run()  # a later rerun (the watching fragment's, or a reload) shows the result
+    assert not at.exception and not at.progress
     answers = json.loads(trained_run.responses_path.read_text())
     assert len(answers) == 6 and all("model_response" in a for a in answers)
     assert "6 answers in" in at.success[0].value
     assert at.download_button(key="cmp_dl").label == "Download instruction-data-with-response.json"
+    assert list(at.dataframe[0].value.columns[:3]) == ["instruction", "model_response", "output"]
+    assert at.dataframe[0].value["model_response"].tolist() == [a["model_response"] for a in answers]
 
 
 @pytest.mark.slow
