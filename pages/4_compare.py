@@ -1,4 +1,5 @@
 """Compare: the base model and a fine-tuned run answer the same instructions, side by side."""
+from ui import boot  # noqa: F401  first: a cold server's first visitor sees that it is starting
 import json
 
 import pandas  # noqa: F401  imported before Plotly's use: a first-render import race was seen without it

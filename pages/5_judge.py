@@ -1,4 +1,5 @@
 """Judge: a larger model scores each answer against the reference (section 7.8), resumably."""
+from ui import boot  # noqa: F401  first: a cold server's first visitor sees that it is starting
 import hashlib
 import json
 from pathlib import Path
