@@ -167,7 +167,8 @@ if method == "LoRA":
         st.caption(f"**{trainable:,} trainable** of {total:,} parameters ({share:.2%}); the base weights stay "
                    "frozen. Checkpoints keep only the adapters; the final weights are merged into a plain GPT-2.")
     else:
-        st.warning("Choose at least one layer for the adapters.")
+        st.warning("Choose at least one layer for the adapters: Start waits for one.")
+        ready = False
 else:
     total = lora_counts(model, 0)[1]
     st.caption(f"**{total:,} trainable** parameters: every weight, as the chapter.")

@@ -235,3 +235,14 @@ def test_settings_that_spoil_examples_are_warned_of_before_start(app_dirs):
     assert "Change them on the Batches page, or start anyway." in warning
     fine = session()  # a new session reads the kept settings: still warned
     assert "793 of 935 examples" in texts(fine.warning)
+
+
+def test_lora_with_no_layer_chosen_cannot_start(app_dirs, launches):
+    at = session()
+    at.selectbox(key="ft_model").set_value("tiny (random)").run()
+    at.radio(key="ft_method").set_value("LoRA").run()
+    at.multiselect(key="ft_lora_targets").set_value([]).run()
+    assert "Choose at least one layer for the adapters: Start waits for one." in texts(at.warning)
+    assert at.button(key="ft_start").disabled
+    at.multiselect(key="ft_lora_targets").set_value(["query", "value"]).run()
+    assert not at.button(key="ft_start").disabled
