@@ -11,6 +11,7 @@ from sft.model import canonical_model_name
 from sft.studio.adapters import lora_counts
 from sft.studio.config import QUICK_RUN_ANSWERS, ConfigError, TrainConfig
 from sft.studio.hardware import device_key
+from sft.studio.jobs import Job, JobError, download_job_folder, start_download_job
 from sft.studio.locks import DeviceBusyError, holder
 from sft.studio.manage import delete_run, rename_run, settings_changes
 from sft.studio.queue import QUEUED, dequeue, enqueue, queued_runs
@@ -18,6 +19,7 @@ from sft.studio.runs import ACTIVE_STATES, Run, RunError
 from sft.studio.worker import launch_worker
 from sft.weights import weights_available
 from ui import checks, figures, loaders, snippets, state, widgets
+from ui import jobs as job_ui
 from ui.widgets import reset_settings, setting_input
 
 state.init_state()
@@ -130,11 +132,20 @@ if tiny:
     c2.info("Random weights, no download: good for trying the workflow, not for real answers.")
 elif not weights_available(model, str(state.models_dir()), source=source):
     st.warning(f"{model} ({source}) is not downloaded yet (folder `{state.models_dir()}`).")
-    if st.button(f"Download {model}", key="ft_download"):
-        error = loaders.download_weights(model, source, st.progress(0.0, text="Starting the download…"))
-        if error is None:
-            st.rerun()
-        st.error(f"Download failed: {error}", icon=":material/cloud_off:")
+    # A background job: a click elsewhere, a reload or a closed tab does not end the download.
+    fetch = Job(download_job_folder(state.models_dir(), model, source))
+    if fetch.active:
+        job_ui.watch(fetch, key="ft_download_job", counted="MiB downloaded")
+    else:
+        job_ui.ended(fetch.status() if fetch.exists else {}, counted="MiB downloaded",
+                     saved="the part downloaded is kept:", again=f"Download {model} resumes it.")
+        if st.button(f"Download {model}", key="ft_download"):
+            try:
+                start_download_job(state.models_dir(), model, source, base_url=state.weights_base_url())
+            except JobError as exc:
+                st.error(str(exc), icon=":material/block:")
+            else:
+                st.rerun()
 
     def use_tiny():
         state.remember(model_name=state.TINY)

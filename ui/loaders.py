@@ -167,24 +167,6 @@ def dataset_file():
     return os.fspath(save_dataset(st.session_state["dataset"]))
 
 
-def download_weights(name: str, source: str, bar):
-    """Fetch `name`'s GPT-2 files into models_dir(), drawing progress on `bar` (an st.progress).
-    Returns None, or the exception (offline, no TensorFlow, a failed size check) for the page to show."""
-    from sft import weights
-
-    def progress(done, total, filename):
-        mib = f"{done / 2**20:.0f} of {total / 2**20:.0f} MiB" if total else f"{done / 2**20:.0f} MiB"
-        bar.progress(min(done / total, 1.0) if total else 0.0, text=f"{filename}: {mib}")
-
-    try:
-        weights.download_weights(name, os.fspath(models_dir()), source=source, progress=progress, show_bar=False)
-    except Exception as exc:  # shown to the person with the tiny model as the alternative
-        return exc
-    return None
-
-
-
-
 def dataset_origin():
     """(source, duplicates rule) of the chosen dataset as the engine's loader takes them: (None, None) for the
     bundled data; else its URL or uploaded file name and the rule it was loaded with."""

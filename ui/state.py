@@ -27,6 +27,11 @@ def models_dir() -> Path:
     return Path(os.environ.get("SFT_MODELS_DIR") or ROOT / "models")
 
 
+def weights_base_url():
+    """A mirror to download GPT-2 from instead of OpenAI's or Hugging Face's (SFT_WEIGHTS_BASE_URL), or None."""
+    return os.environ.get("SFT_WEIGHTS_BASE_URL") or None
+
+
 def ollama_url() -> str:
     return os.environ.get("SFT_OLLAMA_URL") or OLLAMA_URL
 

@@ -386,5 +386,30 @@ def start_score_job(runs_dir, store, *, key, backend="ollama", url=None, model="
     return start_job(folder, "score", params, files=files)
 
 
+def download_job_folder(models_dir, name, source):
+    slug = "".join(ch if ch.isalnum() else "-" for ch in name).strip("-")
+    return Path(models_dir) / ".jobs" / f"download-{slug}-{source}"
+
+
+def download(params, progress):
+    """GPT-2 ``name``'s files from ``source`` into ``models_dir`` (``sft.weights.download_weights``), with
+    progress in MiB. A stop leaves the partial file, which the next download resumes."""
+    from ..weights import download_weights
+
+    mib = 2 ** 20
+    path = download_weights(params["name"], params["models_dir"], source=params["source"], show_bar=False,
+                            base_url=params.get("base_url"),
+                            progress=lambda done, total, name: progress(done // mib, total // mib if total else None,
+                                                                        name))
+    return {"path": str(path)}
+
+
+def start_download_job(models_dir, name, source, *, base_url=None):
+    """Download in the background (``download_job_folder``); the Job."""
+    params = {"name": name, "source": source, "models_dir": str(models_dir), "base_url": base_url}
+    return start_job(download_job_folder(models_dir, name, source), "download", params)
+
+
 register_kind("answer", answer)
 register_kind("score", score)
+register_kind("download", download)

@@ -179,42 +179,41 @@ def test_finetune_page_offers_tiny_when_weights_are_missing():
     assert "No runs yet" in texts(at.info)
 
 
-def test_finetune_page_download_offline_says_so(monkeypatch):
-    from sft import download, weights
+def download_job(app_dirs, model, source):
+    from sft.studio.jobs import Job, download_job_folder
 
-    def offline(url, destination, **kwargs):  # what requests gives on a machine with no network
-        raise download.DownloadError(f"{url}: ConnectionError: no network")
+    return Job(download_job_folder(app_dirs["models"], model, source))
 
-    monkeypatch.setattr(download, "download_file", offline)
+
+def test_finetune_page_download_failure_says_why(monkeypatch, app_dirs, serve):
+    server = serve({})  # answers 404 to everything
+    monkeypatch.setenv("SFT_WEIGHTS_BASE_URL", server.url)
     at = open_page("pages/3_finetune.py")
+    at.radio(key="ft_source").set_value("hf").run()
     at.button(key="ft_download").click().run()
     assert not at.exception
+    assert download_job(app_dirs, "gpt2-medium (355M)", "hf").wait(timeout=120)["state"] == "failed"
+    at.run()
     msg = at.error[0].value
-    assert "Download failed: Could not download checkpoint for GPT-2 355M" in msg
-    assert "https://openaipublic.blob.core.windows.net/gpt-2/models/355M/checkpoint: ConnectionError" in msg
-    assert "put them in" in msg and "355M" in msg  # the folder to fill by hand
+    assert msg.startswith("Failed at 0 MiB downloaded: ") and "openai-community/gpt2-medium" in msg and "404" in msg
+    assert "Download gpt2-medium (355M) resumes it." in msg
     assert at.button(key="ft_use_tiny").label == "Use the tiny random model instead"
     assert at.button(key="ft_start").disabled
 
 
-def test_finetune_page_download_with_progress(monkeypatch, app_dirs):
-    from sft import download, weights
+def test_finetune_page_downloads_in_a_background_job(monkeypatch, app_dirs, serve):
+    from sft import weights
 
-    seen = []
-
-    def fake_download_file(url, destination, *, progress, show_bar, **kwargs):  # writes what the real one would
-        assert url.startswith(weights.OPENAI_BASE_URL + "/124M/") and show_bar is False
-        name = Path(destination).name
-        progress(10, 10, name)
-        seen.append(name)
-        Path(destination).write_bytes(b"")
-
-    monkeypatch.setattr(download, "download_file", fake_download_file)
+    server = serve({f"/124M/{name}": b"x" * 1000 for name in weights.OPENAI_FILES})
+    monkeypatch.setenv("SFT_WEIGHTS_BASE_URL", server.url)
     at = open_page("pages/3_finetune.py")
     at.selectbox(key="ft_model").set_value("gpt2-small (124M)").run()
     at.button(key="ft_download").click().run()
     assert not at.exception and not at.error
-    assert seen == list(weights.OPENAI_FILES)
+    status = download_job(app_dirs, "gpt2-small (124M)", "openai").wait(timeout=120)
+    assert status["state"] == "completed" and status["result"]["path"] == str(app_dirs["models"] / "124M")
+    assert sorted(p.name for p in (app_dirs["models"] / "124M").iterdir()) == sorted(weights.OPENAI_FILES)
+    at.run()
     assert not at.warning  # downloaded: no more "not downloaded yet"
     assert not at.button(key="ft_start").disabled
 
