@@ -18,5 +18,6 @@ def app_dirs(tmp_path, monkeypatch):
     monkeypatch.setenv("SFT_RUNS_DIR", str(runs))
     monkeypatch.setenv("SFT_MODELS_DIR", str(models))
     monkeypatch.setenv("SFT_OLLAMA_URL", "http://127.0.0.1:9")  # nothing listens: Home says so fast
+    monkeypatch.setenv("SFT_LOCK_DIR", str(tmp_path / "locks"))  # a device lock left by one test never blocks the next
     monkeypatch.chdir(ROOT)
     return {"runs": runs, "models": models}

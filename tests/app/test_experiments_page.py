@@ -17,7 +17,8 @@ def test_no_runs_says_what_to_do():
     assert "fine-tune one on the Fine-tune page" in open_page().info[0].value
 
 
-def test_two_runs_compared_and_the_queue_reordered(app_dirs):
+def test_two_runs_compared_and_the_queue_reordered(app_dirs, monkeypatch):
+    from sft.studio import queue as queue_module
     from sft.studio.config import TrainConfig
     from sft.studio.queue import enqueue, queued_runs
     from sft.studio.runs import Run
@@ -30,6 +31,8 @@ def test_two_runs_compared_and_the_queue_reordered(app_dirs):
     waiting = [Run.create(TrainConfig(**base), root=app_dirs["runs"], name=n) for n in ("w1", "w2")]
     for run in waiting:
         enqueue(run, start_runner=False)
+    # The page would start a queue runner, which would train the queued runs after this test (holding the device).
+    monkeypatch.setattr(queue_module, "ensure_runner", lambda *a, **k: None)
     at = open_page()
     at.multiselect(key="exp_runs").set_value(["plain", "masked"]).run()
     assert not at.exception, at.exception
