@@ -7,6 +7,9 @@ import signal
 import pytest
 from playwright.sync_api import expect
 
+import actions
+from actions import settle
+
 from sft.studio.config import TrainConfig
 from sft.studio.files import read_json
 from sft.studio.jobs import Job
@@ -16,17 +19,8 @@ from sft.studio.worker import execute_run
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
-def settle(page):
-    page.wait_for_timeout(150)  # the rerun's start reaches the browser shortly after the action
-    expect(page.locator('[data-testid="stApp"][data-test-script-state="notRunning"]')).to_be_attached()
-
-
 def set_number(page, label, value):
-    box = page.get_by_label(label, exact=True)
-    box.fill(str(value))
-    box.press("Enter")
-    settle(page)
-    expect(box).to_have_value(str(value))
+    expect(actions.set_number(page, label, value)).to_have_value(str(value))
 
 
 def test_generate_all_survives_a_changed_widget_and_a_reload(app_url, page):

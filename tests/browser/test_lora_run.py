@@ -7,21 +7,11 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
+from actions import set_number, settle
+
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 STEPS = 40
-
-
-def settle(page):
-    page.wait_for_timeout(150)  # the rerun's start reaches the browser shortly after the action
-    expect(page.locator('[data-testid="stApp"][data-test-script-state="notRunning"]')).to_be_attached()
-
-
-def set_number(page, label, value):
-    box = page.get_by_label(label, exact=True)
-    box.fill(str(value))
-    box.press("Enter")
-    settle(page)
 
 
 def test_a_lora_run_from_the_fine_tune_page_to_compare(app_url, page):

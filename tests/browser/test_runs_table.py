@@ -5,20 +5,10 @@ import json
 import pytest
 from playwright.sync_api import expect
 
+from actions import set_number, settle
+
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 STEPS = 120  # the run's max_steps: long enough for the table to show it mid-way
-
-
-def settle(page):
-    page.wait_for_timeout(150)  # the rerun's start reaches the browser shortly after the action
-    expect(page.locator('[data-testid="stApp"][data-test-script-state="notRunning"]')).to_be_attached()
-
-
-def set_number(page, label, value):
-    box = page.get_by_label(label, exact=True)
-    box.fill(str(value))
-    box.press("Enter")
-    settle(page)
 
 
 def cell(page, column, row=0):

@@ -6,14 +6,11 @@ import time
 import pytest
 from playwright.sync_api import expect
 
+from actions import settle
+
 from sft.studio.config import TINY_DEMO_SETTINGS, TINY_DEMO_VAL_LOSS
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-
-
-def settle(page):
-    page.wait_for_timeout(150)  # the rerun's start reaches the browser shortly after the action
-    expect(page.locator('[data-testid="stApp"][data-test-script-state="notRunning"]')).to_be_attached()
 
 
 def metric(page, label):
