@@ -91,11 +91,11 @@ for r in ss.get("cmp_results") or []:
         st.markdown(f"**{r['instruction']}**" + (f"  \nInput: {r['input']}" if r.get("input") else ""))
         c = st.columns(3)
         c[0].markdown("*Reference*")
-        c[0].write(r.get("output") or "(none: your own instruction)")
+        c[0].text(r.get("output") or "(none: your own instruction)")
         c[1].markdown(f"*Base: {r['base_name']}*")
-        c[1].write("(not downloaded)" if r["base"] is None else (r["base"] or "(empty answer)"))
+        c[1].text("(not downloaded)" if r["base"] is None else (r["base"] or "(empty answer)"))
         c[2].markdown(f"*Fine-tuned: {r['run']}*")
-        c[2].write(r["tuned"] or "(empty answer)")
+        c[2].text(r["tuned"] or "(empty answer)")
 
 # ---- the whole test split, into the run folder: a background job (sft.studio.jobs) ----
 st.subheader("The whole test split")
@@ -153,9 +153,9 @@ def show_answers(path, status):
         st.markdown(f"**{r.get('instruction', '')}**" + (f"  \nInput: {r['input']}" if r.get("input") else ""))
         c = st.columns(2)
         c[0].markdown("*Fine-tuned answer*")
-        c[0].write(r.get("model_response") or "(empty answer)")
+        c[0].text(r.get("model_response") or "(empty answer)")
         c[1].markdown("*Reference*")
-        c[1].write(r.get("output") or "(none)")
+        c[1].text(r.get("output") or "(none)")
 
 
 if running:

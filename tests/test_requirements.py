@@ -12,7 +12,9 @@ from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OURS = {"sft", "ui", "pages", "app", "conftest", "helpers", "fake_servers", "test_architecture"}
+# our own top-level names: the packages, and every module in tests/ (pytest puts each test folder on
+# sys.path, so a helper beside the tests, like tests/browser/actions.py, is imported by its bare name)
+OURS = {"sft", "ui", "pages", "app"} | {path.stem for path in (ROOT / "tests").rglob("*.py")}
 BUILT_BY_TEST_SCRIPT = {"llama_cpp"}  # scripts/test.sh builds llama-cpp-python from source
 
 

@@ -1,14 +1,16 @@
 """The Chat page's export section: the chosen model as a Hugging Face folder and GGUF files, and the
-Ollama commands that serve it (``sft.studio.exports`` does the work; ``python -m sft export`` too)."""
+Ollama commands that serve it (``sft.studio.exports`` does the work, as a background job the section starts
+and watches; ``python -m sft export`` too)."""
 import os
 from pathlib import Path
 
 import streamlit as st
 
 from sft.export import DTYPES, FORMATS
-from sft.studio.exports import slug, export_run_or_model
+from sft.studio.exports import export_job_folder, slug, start_export_job
+from sft.studio.jobs import JOB_ACTIVE, Job, JobError
 
-from . import state
+from . import jobs, state
 
 FORMAT_LABELS = {"hf": "Hugging Face (transformers)", "gguf": "GGUF (llama.cpp, Ollama)"}
 
@@ -39,19 +41,21 @@ def section(label, choice, style):
     name = c[2].text_input("Name in Ollama", slug(default), key="export_name").strip() or slug(default)
     out = exports_dir() / slug(default)
     overwrite = st.checkbox("Replace an earlier export in that folder", key="export_overwrite")
+    job = Job(export_job_folder(exports_dir(), out.name))
+    status = job.status() if job.exists else {}
     if st.button("Export", key="export_go", icon=":material/download:", disabled=not formats
-                 or ("gguf" in formats and not dtypes)):
-        bar = st.progress(0.0, text="Exporting…")
-        try:
-            result = export_run_or_model(**kwargs, out=out, formats=formats, gguf_dtypes=dtypes, name=name,
-                                         prompt_style=style, overwrite=overwrite,
-                                         progress=lambda done, total, what: bar.progress(
-                                             done / max(total, 1), text=f"{what} ({done} of {total})"))
-        except (OSError, ValueError, RuntimeError) as exc:
+                 or ("gguf" in formats and not dtypes) or status.get("state") in JOB_ACTIVE):
+        try:  # a background job: a click elsewhere, a reload or another page leaves it running
+            job = start_export_job(exports_dir(), out=out, **kwargs, formats=formats, gguf_dtypes=dtypes, name=name,
+                                   prompt_style=style, overwrite=overwrite)
+        except JobError as exc:
             st.error(f"Not exported: {exc}", icon=":material/error:")
-        else:
-            st.session_state["export_result"] = result
-    show(st.session_state.get("export_result"))
+        status = job.status()
+    if status.get("state") in JOB_ACTIVE:
+        jobs.watch(job, key="export", counted="steps")
+    elif jobs.ended(status, counted="steps", saved="the files written so far stay in the folder;",
+                    again="export again with \"Replace an earlier export\" ticked.") == "completed":
+        show(status.get("result"))
 
 
 def show(result):

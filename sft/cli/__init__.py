@@ -7,6 +7,7 @@
     python -m sft judge FILE           score answers with a judge model served by Ollama
     python -m sft export --run-dir R   the model for transformers, llama.cpp and Ollama
     python -m sft merge --run-dir R    a LoRA run's adapters folded into its base weights
+    python -m sft runs list            the run folders (delete, rename too)
     python -m sft job --dir FOLDER     a background job the app started (sft.studio.jobs)
 
 Each command is a module here with ``add_arguments(parser)`` and ``run(args) -> exit code``,
@@ -27,6 +28,7 @@ _COMMANDS = {
     "export": ("export", "add_arguments", "run"),
     "merge": ("export", "add_merge_arguments", "run_merge"),
     "queue": ("queue", "add_arguments", "run"),
+    "runs": ("runs", "add_arguments", "run"),
     "job": ("job", "add_arguments", "run"),
 }
 COMMANDS = {
@@ -38,6 +40,7 @@ COMMANDS = {
     "export": "export a run's model for transformers (Hugging Face folder) and llama.cpp / Ollama (GGUF, Modelfile)",
     "merge": "write a LoRA run's merged weights (base + adapters, a plain GPTModel) as a .pth file",
     "queue": "runs waiting their turn for a device: list, add, remove, move",
+    "runs": "the run folders: list them, delete one, rename one",
     "job": "do a background job the app started (answer a split, score answers): its folder's job.json",
 }
 EPILOG = """examples:

@@ -11,6 +11,7 @@ def add_arguments(parser):
 
 
 def run(args):
+    from ..studio import exports  # noqa: F401  registers the "export" kind (jobs.py has the others)
     from ..studio.jobs import run_job
 
     status = run_job(args.dir)

@@ -105,13 +105,14 @@ def _prepare(model, context_size, device):
 
 
 def generate_batch(model, prompts, *, max_new_tokens, eos_id=EOT_ID, temperature=0.0, top_k=None,
-                   context_size=None, device=None):
+                   context_size=None, device=None, on_token=None):
     """New token ids for each prompt (a list of id lists), generated together with a KV cache.
 
     Greedy (the default) gives, for every prompt, the tokens the chapter's ``generate`` gives
     for it alone. Each list stops before its ``eos_id``. Sampling follows the chapter's rule;
     it is reproducible under ``torch.manual_seed`` but draws from one batched random stream.
-    The model runs in eval mode (restored afterwards).
+    The model runs in eval mode (restored afterwards). ``on_token(n)``, if given, is called after
+    the n-th new token of the batch (n = 1, 2, ...): a job's progress, where a stop can land.
     """
     seqs = _check_prompts(prompts)
     context_size, device = _prepare(model, context_size, device)
@@ -119,9 +120,12 @@ def generate_batch(model, prompts, *, max_new_tokens, eos_id=EOT_ID, temperature
     was_training = model.training
     model.eval()
     try:
-        for step in _decode_steps(model, seqs, max_new_tokens, eos_id, temperature, top_k, context_size, device):
+        for n, step in enumerate(_decode_steps(model, seqs, max_new_tokens, eos_id, temperature, top_k, context_size,
+                                               device), start=1):
             for row, tok in step:
                 new_ids[row].append(tok)
+            if on_token is not None:
+                on_token(n)
     finally:
         model.train(was_training)
     return new_ids
@@ -143,13 +147,13 @@ def generate_stream(model, ids, *, max_new_tokens, eos_id=EOT_ID, temperature=0.
 
 def generate_responses(model, entries, tokenizer, *, prompt_style="alpaca", max_new_tokens=256,
                        batch_size=8, device=None, progress=None, temperature=0.0, top_k=None,
-                       eos_id=EOT_ID):
+                       eos_id=EOT_ID, on_token=None):
     """Answer each entry; return copies of the entries with ``"model_response"`` added.
 
     The chapter's section 7.7 loop (``generate`` one entry at a time, ``extract_response``),
     done in batches: prompts are sorted by length so a batch holds similar lengths (little
     padding), and the results come back in the entries' order. ``progress(done, total)`` is
-    called after each batch. (A run folder saves the list as the chapter's
+    called after each batch, ``on_token`` as ``generate_batch`` calls it. (A run folder saves the list as the chapter's
     ``instruction-data-with-response.json``: ``sft.studio.answers``.)
     """
     if batch_size < 1:
@@ -173,7 +177,7 @@ def generate_responses(model, entries, tokenizer, *, prompt_style="alpaca", max_
         chunk = order[start:start + batch_size]
         new_ids = generate_batch(
             model, [prompt_ids[i] for i in chunk], max_new_tokens=max_new_tokens, eos_id=eos_id,
-            temperature=temperature, top_k=top_k, device=device,
+            temperature=temperature, top_k=top_k, device=device, on_token=on_token,
         )
         for i, ids in zip(chunk, new_ids):
             generated_text = tokenizer.decode(prompt_ids[i] + ids)

@@ -9,6 +9,7 @@ a stopped or killed job (``sft.studio.jobs``) keeps them, and ``reuse=`` takes t
 """
 import copy
 import json
+import time
 
 import torch
 
@@ -72,13 +73,28 @@ def answer_entries(model, entries, tokenizer, *, prompt_style="alpaca", max_new_
     for chunk in _batches(entries, todo, tokenizer, prompt_style, batch_size):
         answered = generate_responses(chosen, [entries[i] for i in chunk], tokenizer, prompt_style=prompt_style,
                                       max_new_tokens=max_new_tokens, batch_size=len(chunk), device=device,
-                                      temperature=temperature, top_k=top_k)
+                                      temperature=temperature, top_k=top_k,
+                                      on_token=_every_second(progress, responses, total))
         for i, result in zip(chunk, answered):
             responses[i] = result["model_response"]
         save()
         if progress is not None:
             progress(sum(r is not None for r in responses), total)
     return [{**e, "model_response": r} for e, r in zip(entries, responses)]
+
+
+def _every_second(progress, responses, total):
+    """An ``on_token`` that repeats the last progress at most once a second: a stop requested during a
+    long batch lands within a second (that batch is lost, the answers saved before it are kept)."""
+    if progress is None:
+        return None
+    last = [time.monotonic()]
+
+    def tick(n):
+        if time.monotonic() - last[0] >= 1.0:
+            last[0] = time.monotonic()
+            progress(sum(r is not None for r in responses), total)
+    return tick
 
 
 def _batches(entries, todo, tokenizer, prompt_style, batch_size):

@@ -3,8 +3,10 @@
 ``export_run_or_model`` loads the model (``Run.load_model``: final weights, a stopped run's last
 checkpoint, a LoRA run's adapters merged into its base) and hands it to ``sft.export`` with a
 provenance record (run, base model, prompt style, settings, weights file), which the export
-writes beside its files as ``sft-export.json``.
+writes beside its files as ``sft-export.json``. ``start_export_job`` does it as a background job
+(kind "export", ``sft.studio.jobs``), which is how the Chat page exports.
 """
+import json
 import re
 import time
 from pathlib import Path
@@ -14,6 +16,7 @@ import torch
 from ..export import FORMATS, export_model
 from ..model import canonical_model_name
 from .config import TrainConfig
+from .jobs import register_kind, start_job
 from .runs import Run
 
 
@@ -59,3 +62,25 @@ def export_run_or_model(*, run_dir=None, model=None, weights=None, models_dir="m
     result = export_model(built, out, formats=formats, gguf_dtypes=gguf_dtypes, prompt_style=style, name=name,
                           provenance=provenance, progress=progress, overwrite=overwrite)
     return {**result, "out": str(out), "name": name, "provenance": provenance}
+
+
+# ---------------------------------------------------------------- as a background job (sft.studio.jobs)
+
+def export_job_folder(exports_dir, name):
+    """One export job per export folder (``<exports dir>/.jobs/export-<slug>``): two pages cannot write it at once."""
+    return Path(exports_dir) / ".jobs" / f"export-{slug(name)}"
+
+
+def export_job(params, progress):
+    """``export_run_or_model(**params)`` with its steps as the job's progress; the result, JSON-able."""
+    result = export_run_or_model(**params, progress=lambda done, total, what: progress(done, total, what))
+    return json.loads(json.dumps(result, default=str))
+
+
+def start_export_job(exports_dir, *, out, **settings):
+    """Export in the background into ``out`` (the Job); ``settings`` are ``export_run_or_model``'s keywords."""
+    params = {**settings, "out": str(out)}
+    return start_job(export_job_folder(exports_dir, Path(out).name), "export", params)
+
+
+register_kind("export", export_job)

@@ -337,8 +337,16 @@ def start_answer_job(run, entries, **settings):
 
     A job that stopped (or failed) with the same entries, weights and settings goes on from the
     answers it saved; anything else starts again (the file then holds only the new answers)."""
+    if run.is_active:  # its worker writes the same answers file when training ends
+        raise JobError(f"run {run.name!r} is {run.state}: its answers are written when training ends; "
+                       "stop it first to answer with its last checkpoint")
     folder, kind, params, files = answer_job_args(run, entries, **settings)
     return start_job(folder, kind, params, files=files)
+
+
+def answering(run):
+    """True while ``run``'s answers job is active: training or deleting the run must wait for it."""
+    return Job(answer_job_folder(run)).active
 
 
 def score_job_folder(runs_dir, store):

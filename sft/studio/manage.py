@@ -2,7 +2,7 @@
 
 A run that a worker owns (starting, running, stopping) or that waits in a device's queue is
 refused, with the reason: its worker writes into the folder, and a queue runner may start it any
-moment. Renaming moves the folder (one ``os.rename`` under the same runs folder) and rewrites what
+moment; so is a run whose answers job (``sft.studio.jobs``) is writing its answers. Renaming moves the folder (one ``os.rename`` under the same runs folder) and rewrites what
 records the folder's name or path: the final weights' ``.json`` (``extra.run``), ``worker.json``
 and the paths in metrics.jsonl's "saved" events. Exports made earlier keep the name they were made
 with in their own ``sft-export.json``: that is where the export came from, at the time.
@@ -13,6 +13,7 @@ import shutil
 
 from ..model import canonical_model_name
 from .files import atomic_write_json, atomic_write_text, read_json, read_jsonl
+from .jobs import answering
 from .runs import ACTIVE_STATES, Run, RunError, check_run_name
 
 QUEUED = "queued"  # sft.studio.queue's state for a run waiting its turn
@@ -26,6 +27,9 @@ def refuse_busy(run, doing):
         raise RunError(f"run {run.name!r} is {state}: stop it before {doing} it")
     if state == QUEUED:
         raise RunError(f"run {run.name!r} is queued: take it out of the queue before {doing} it")
+    if answering(run):
+        raise RunError(f"run {run.name!r} is answering its test split (Compare page): stop that job before "
+                       f"{doing} it")
 
 
 def delete_run(run):

@@ -29,6 +29,7 @@ from .config import TrainingError
 from .files import DiskFullError, atomic_write_json
 from .finetuned import save_finetuned
 from .hardware import device_key, keep_freed_memory, peak_memory_mb, resolve_device
+from .jobs import answering
 from .locks import LOCK_FD_ENV, DeviceLock, create_time
 from .models import build_model
 from .runs import RunError
@@ -61,6 +62,9 @@ def launch_worker(run, *, resume=False, responses=True, python=None, env=None):
     """
     if run.is_active:
         raise RunError(f"run {run.name!r} is already {run.state}")
+    if answering(run):  # both would write the run's answers file
+        raise RunError(f"run {run.name!r} is answering its test split (Compare page): stop that job or let it "
+                       "end before training it again")
     check_start(run, resume)
     key = device_key(run.config.device)
     lock = DeviceLock.acquire(key, run=run.name)  # DeviceBusyError: the run is left as it was

@@ -112,7 +112,11 @@ def test_export_from_the_page_writes_hf_gguf_and_the_ollama_commands(app_dirs, t
     at.button(key="export_go").click().run()
     assert not at.exception and not at.error, (at.exception, at.error)
     out = tmp_path / "exports" / "tiny-random"
-    result = at.session_state["export_result"]
+    status = export_job(tmp_path).wait(timeout=120)  # a background job: the page only started it
+    assert status["state"] == "completed", export_job(tmp_path).tail_log(30)
+    at.run()  # the page again, as its watcher reruns it once the job has ended
+    assert not at.exception and not at.error, (at.exception, at.error)
+    result = status["result"]
     assert result["out"] == str(out) and result["name"] == "my-tiny"
     gguf = out / "gguf" / "my-tiny-f32.gguf"
     assert gguf.is_file() and (out / "gguf" / "Modelfile").is_file()
@@ -125,3 +129,41 @@ def test_export_from_the_page_writes_hf_gguf_and_the_ollama_commands(app_dirs, t
     # Exporting again into the same folder is fine (it is the app's own earlier export).
     at.button(key="export_go").click().run()
     assert not at.exception and not at.error
+    assert export_job(tmp_path).wait(timeout=120)["state"] == "completed"
+
+
+def export_job(tmp_path):
+    from sft.studio.exports import export_job_folder
+    from sft.studio.jobs import Job
+
+    return Job(export_job_folder(tmp_path / "exports", "tiny-random"))
+
+
+def test_a_stopped_export_says_so_and_keeps_what_it_wrote(app_dirs, tmp_path, monkeypatch):
+    from sft.studio import jobs
+    from sft.studio.exports import export_job as real  # and so registers the "export" kind
+    from sft.studio.jobs import create_job, run_job
+
+    monkeypatch.setenv("SFT_EXPORTS_DIR", str(tmp_path / "exports"))
+    out = tmp_path / "exports" / "tiny-random"
+    job = create_job(export_job(tmp_path).path, "export",
+                     {"model": "tiny", "weights": "random", "models_dir": str(app_dirs["models"]), "out": str(out),
+                      "formats": ["hf", "gguf"], "gguf_dtypes": ["f32"]})
+    calls = []
+
+    def stop_after_the_first_step(params, progress):  # the real kind, with a stop requested once it has begun
+        def watched(done, total, what):
+            calls.append(what)
+            if done == 1:
+                job.request_stop()
+            progress(done, total, what)
+        return real(params, watched)
+
+    monkeypatch.setitem(jobs.KINDS, "export", stop_after_the_first_step)
+    status = run_job(job.path)
+    assert status["state"] == "stopped" and status["done"] == 1 and calls == ["Hugging Face folder", "GGUF f32"]
+    assert (out / "hf" / "model.safetensors").is_file() and not (out / "gguf").exists()
+    at = open_page()
+    at.selectbox(key="chat_model").set_value("base: tiny (random) (random weights)").run()
+    assert not at.exception, at.exception
+    assert any("Stopped at 1 of 2 steps" in i.value for i in at.info), [i.value for i in at.info]

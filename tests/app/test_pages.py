@@ -346,6 +346,10 @@ def test_compare_page_answers_side_by_side_and_the_whole_split(trained_run):
     assert not at.exception
     md = texts(at.markdown)
     assert md.count("*Reference*") == 3 and "*Base: tiny (random)*" in md and "*Fine-tuned: trained*" in md
+    # Answers are plain text, as the model wrote them: a "### Response" in one is no heading.
+    shown = [t.value for t in at.text]
+    results = at.session_state["cmp_results"]
+    assert all(r["tuned"] in shown and r["output"] in shown for r in results), shown
 
     from sft.studio.jobs import Job
 
@@ -417,7 +421,7 @@ def test_compare_page_answers_with_a_stopped_runs_checkpoint(app_dirs):
     assert not at.exception
     md = texts(at.markdown)
     assert "**Rewrite the sentence using a simile.**" in md and "*Fine-tuned: halted*" in md
-    assert "(none: your own instruction)" in md
+    assert "(none: your own instruction)" in [t.value for t in at.text]
 
 
 @pytest.mark.slow

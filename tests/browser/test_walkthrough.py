@@ -3,16 +3,11 @@ Compare, with a screenshot of each page in docs/screenshots/."""
 from pathlib import Path
 
 import pytest
+from actions import settle, set_number as type_number
 from playwright.sync_api import expect
 
 SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-
-
-def settle(page):
-    """Wait until the app has finished the rerun that the last action started."""
-    page.wait_for_timeout(150)  # the rerun's start reaches the browser shortly after the action
-    expect(page.locator('[data-testid="stApp"][data-test-script-state="notRunning"]')).to_be_attached()
 
 
 def go(page, title):
@@ -34,11 +29,7 @@ def shot(page, name):
 
 
 def set_number(page, label, value):
-    box = page.get_by_label(label, exact=True)
-    box.fill(str(value))
-    box.press("Enter")
-    settle(page)
-    expect(box).to_have_value(str(value))
+    expect(type_number(page, label, value)).to_have_value(str(value))
 
 
 def test_walk_through_the_pipeline(app_url, page):
@@ -125,4 +116,21 @@ def test_walk_through_the_pipeline(app_url, page):
     expect(page.get_by_text("Exported to", exact=False)).to_be_visible(timeout=120_000)
     expect(page.get_by_text("ollama create", exact=False).first).to_be_visible()
     assert list(app_url["exports"].glob("*/gguf/*-f32.gguf")) and list(app_url["exports"].glob("*/hf/model.safetensors"))
+    # A long reply, stopped while it streams: what was written stays, marked "(stopped)". The tiny model's
+    # random weights almost never write end-of-text, so 1024 greedy tokens take a while to stream.
+    page.get_by_role("combobox", name="Model", exact=True).click()
+    page.get_by_role("option", name="base: tiny (random) (random weights)").click()
+    settle(page)
+    set_number(page, "Max new tokens", 1024)
+    page.get_by_label("Instruction", exact=True).fill("Write a long story about the sea.")
+    page.get_by_role("button", name="Send", exact=True).click()
+    stop = page.get_by_role("button", name="Stop", exact=True)
+    expect(stop).to_be_visible(timeout=60_000)
+    streaming = page.locator('[data-testid="stMarkdownContainer"]').filter(has_text="Write a long story")
+    expect(streaming.first).to_be_visible()
+    page.wait_for_timeout(300)  # a few pieces of the answer
+    stop.click()
+    settle(page)
+    expect(page.get_by_text("(stopped)", exact=False)).to_be_visible(timeout=30_000)
+    expect(page.get_by_role("button", name="Save as a test case")).to_have_count(2)
     shot(page, "chat")

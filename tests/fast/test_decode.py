@@ -158,3 +158,10 @@ def test_generate_responses_names_a_bad_entry(tokenizer):
     with pytest.raises(ValueError, match="entry 1"):
         generate_responses(model, [{"instruction": "a", "input": "", "output": "b"}, {"output": "x"}],
                            tokenizer, max_new_tokens=1)
+
+
+def test_on_token_is_called_after_each_new_token(tiny_model):
+    seen = []
+    new = generate_batch(tiny_model, [[1, 2, 3], [4, 5]], max_new_tokens=5, eos_id=None, on_token=seen.append)
+    assert seen == [1, 2, 3, 4, 5] and all(len(ids) == 5 for ids in new)
+    assert new == generate_batch(tiny_model, [[1, 2, 3], [4, 5]], max_new_tokens=5, eos_id=None)  # no effect on them

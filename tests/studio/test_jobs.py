@@ -72,6 +72,58 @@ def test_answer_entries_partial_saves_each_batch_and_reuse_goes_on(small_run, tm
     assert seen == [(2, 6), (4, 6), (6, 6)]  # the two saved ones are not asked again
 
 
+def test_a_stop_lands_inside_a_long_batch(small_run, tmp_path, monkeypatch):
+    """Progress is repeated (at most once a second) while a batch generates, so a stop needs no batch's end:
+    the first batch (2 answers) is kept, the second is cut after a token."""
+    from sft.studio import answers as answers_module
+
+    run, test = small_run
+    model, tok = run.load_model(), get_tokenizer()
+    clock = iter(range(0, 10_000, 2))  # each reading 2 s after the one before: every token ticks
+    monkeypatch.setattr(answers_module.time, "monotonic", lambda: next(clock))
+    out, calls = tmp_path / "answers.json", []
+
+    def stop_inside_the_second_batch(done, total):
+        calls.append(done)
+        if done == 2 and calls.count(2) > 1:  # the second batch's first token tick (the first is its start)
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        answer_entries(model, test, tok, max_new_tokens=6, batch_size=2, out_path=out, partial=True,
+                       progress=stop_inside_the_second_batch)
+    # the start, a tick after each of batch one's 6 tokens, its end (2 done), then the second batch's first tick
+    assert calls == [0] * 7 + [2, 2]
+    assert len(read_json(out)) == 2
+
+
+def test_a_run_being_answered_is_not_trained_deleted_or_renamed_meanwhile(tmp_path):
+    from sft.studio.locks import create_time
+    from sft.studio.manage import delete_run, rename_run
+    from sft.studio.runs import RunError
+    from sft.studio.worker import launch_worker
+
+    run, test = tiny_run(tmp_path, "busy")
+    folder, kind, params, files = jobs.answer_job_args(run, test, max_new_tokens=2)
+    job = jobs.create_job(folder, kind, params, files=files)
+    job.update(state="running", pid=os.getpid(), create_time=create_time(os.getpid()))  # as its process would
+    assert jobs.answering(run)
+    for refused in (lambda: delete_run(run), lambda: rename_run(run, "other"), lambda: launch_worker(run)):
+        with pytest.raises(RunError, match="is answering its test split"):
+            refused()
+    assert run.path.is_dir() and run.state == "completed"
+    job.update(state="stopped")
+    assert not jobs.answering(run)
+    delete_run(run)
+    assert not run.path.exists()
+
+
+def test_no_answer_job_while_the_run_trains(small_run, monkeypatch):
+    run, test = small_run
+    monkeypatch.setattr(type(run), "state", property(lambda self: "running"))
+    with pytest.raises(jobs.JobError, match="its answers are written when training ends"):
+        jobs.start_answer_job(run, test)
+
+
 def test_an_answer_job_answers_in_its_own_process(small_run):
     run, test = small_run
     expected = answer_entries(run.load_model(), test, get_tokenizer(), max_new_tokens=6, batch_size=2)
