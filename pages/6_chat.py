@@ -4,7 +4,7 @@ import streamlit as st
 
 from sft.prompts import PROMPT_STYLES
 from sft.studio.config import TrainConfig
-from ui import chat, export, state
+from ui import chat, export, snippets, state, widgets
 
 state.init_state()
 ss = st.session_state
@@ -75,6 +75,14 @@ elif sent:
 if ss.chat_history:
     st.download_button("Download this conversation (JSON)", chat.history_json(ss.chat_history),
                        file_name="chat.json", mime="application/json", key="chat_download")
+
+last = ss.chat_history[-1] if ss.chat_history else {"instruction": "Rewrite the sentence using a simile.",
+                                                     "input": "The car is very fast."}
+first_choice = choices[picked[0]]
+widgets.code_behind(snippets.chat(("run", first_choice[1].path) if first_choice[0] == "run" else first_choice,
+                                  last["instruction"], last["input"], style, models_dir=state.models_dir(), **settings),
+                    note=f"These lines answer {'your last message' if ss.chat_history else 'a message'} with "
+                         f"**{picked[0]}** and the settings above (greedy: the same answer).")
 
 # ---- take it elsewhere ----
 with st.expander("Export this model for transformers, llama.cpp and Ollama", icon=":material/ios_share:"):

@@ -75,3 +75,9 @@ def show(result):
         st.code(Path(result["modelfile"]).read_text(encoding="utf-8"), language=None)
         st.code("\n".join(result["commands"]), language="bash")
         st.caption(f"Then the Judge page (or any Ollama client) can use the model `{result['name']}`.")
+        if st.button(f"Use `{result['name']}` on the Judge page", key="export_use_judge",
+                     help="After the two commands above: the Judge page then asks this model, through Ollama."):
+            for key in ("judge_backend_choice", "judge_model_text"):  # its widgets take the new values
+                st.session_state.pop(key, None)
+            state.remember(judge_backend="ollama", judge_model=result["name"])
+            st.success(f"The Judge page now uses `{result['name']}` on Ollama.", icon=":material/check_circle:")

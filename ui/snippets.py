@@ -130,3 +130,25 @@ result = summary["mean"]"""
 
         cli += ["--out", str(default_scores_path(store_beside, key))]
     return code, shlex.join(cli)
+
+
+def chat(choice, instruction, input_text="", prompt_style="alpaca", max_new_tokens=200, temperature=0.0, top_k=None,
+         models_dir="models"):
+    """Chat page: one message answered by the first model, as the page streams it (pieces joined here).
+    ``choice``: ("run", run folder) or ("base", model name, weights source)."""
+    if choice[0] == "run":
+        load = f"from sft import Run\n\nmodel = Run({_lit(str(choice[1]))}).load_model()  # its final weights"
+    else:
+        load = (f"from sft.weights import load_pretrained\n\n"
+                f"model = load_pretrained({_lit(choice[1])}, {_lit(str(models_dir))}, source={_lit(choice[2])}).eval()")
+    code = f"""import torch
+{load}
+from sft.studio.chat import chat_prompt, stop_markers, stream_reply
+from sft.tokenizer import get_tokenizer
+
+prompt = chat_prompt({_lit(instruction)}, {_lit(input_text)}, {_lit(prompt_style)})
+torch.manual_seed(123)
+pieces = stream_reply(model, get_tokenizer(), prompt, stops=stop_markers({_lit(prompt_style)}),
+                      max_new_tokens={max_new_tokens}, temperature={temperature}, top_k={_lit(top_k)})
+result = "".join(pieces).lstrip()  # the page shows each piece as it comes"""
+    return code, None

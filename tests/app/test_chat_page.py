@@ -126,6 +126,11 @@ def test_export_from_the_page_writes_hf_gguf_and_the_ollama_commands(app_dirs, t
     assert "ollama create my-tiny -f Modelfile\nollama run my-tiny" in "\n".join(codes)
     assert any(c.startswith("FROM ./my-tiny-f32.gguf") for c in codes)  # the Modelfile, shown
     assert any(f"from_pretrained({str(out / 'hf')!r})" in c for c in codes)
+    at.button(key="export_use_judge").click().run()  # the Judge page then asks the exported model
+    assert at.session_state["judge_model"] == "my-tiny" and at.session_state["judge_backend"] == "ollama"
+    at.switch_page("pages/5_judge.py").run()
+    assert not at.exception and at.text_input(key="judge_model_text").value == "my-tiny"
+    at.switch_page("pages/6_chat.py").run()
     # Exporting again into the same folder is fine (it is the app's own earlier export).
     at.button(key="export_go").click().run()
     assert not at.exception and not at.error

@@ -84,3 +84,20 @@ def test_the_judge_snippet_scores_against_a_server(tmp_path):
         code, cli = snippets.judge(answers, url=srv.url)
         assert run(code) == 80.0
     assert cli.startswith("python -m sft judge ")
+
+
+def test_the_chat_snippet_gives_the_pages_reply(app_dirs):
+    from streamlit.testing.v1 import AppTest
+
+    from ui.state import ROOT
+
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=30).run()
+    at.switch_page("pages/6_chat.py").run()
+    at.number_input(key="chat_max_new").set_value(7)
+    at.text_area(key="chat_instruction").set_value("Name a primary colour.")
+    at.button(key="chat_send").click().run()
+    assert not at.exception, at.exception
+    shown = at.session_state["chat_history"][-1]["replies"][0]["text"]
+    code = next(c.value for c in at.code if "stream_reply(" in c.value)
+    assert "'Name a primary colour.'" in code and "max_new_tokens=7" in code
+    assert run(code) == shown and shown
