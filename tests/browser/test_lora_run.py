@@ -53,6 +53,5 @@ def test_a_lora_run_from_the_fine_tune_page_to_compare(app_url, page):
     page.goto(app_url["url"] + "/compare")
     expect(page.get_by_role("heading", name="Compare", exact=True)).to_be_visible(timeout=60_000)
     settle(page)
-    page.get_by_role("button", name="Generate answers").click()
-    settle(page)
+    page.get_by_role("button", name="Generate answers").click()  # answered in the page: on a busy machine
     expect(page.get_by_text(f"Fine-tuned: {run.name}", exact=False).first).to_be_visible(timeout=120_000)
