@@ -6,7 +6,6 @@ import time
 
 import torch
 
-from ..studio.hardware import resolve_precision
 
 
 class Meter:
@@ -69,14 +68,24 @@ def release_memory():
 
 # ============================================================================ the hardware's ceiling
 
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def matmul_gflops(device, dtype, shape=(512, 768, 3072), seconds=1.0):
-    """Matrix-product throughput (GFLOP/s) of an (m, k) @ (k, n) product, the size of a
-    gpt2-small MLP layer on a training batch: what the hardware gives each precision here."""
+    """Matrix-product throughput (GFLOP/s) of an (m, k) @ (k, n) product (2 m k n FLOPs), by
+    default the size of a gpt2-small MLP layer on a training batch: one product to warm up,
+    then as many as fit in ``seconds`` (at least 3); the warm-up's own rate if it alone took
+    longer than ``seconds``."""
     m, k, n = shape
     a = torch.randn(m, k, device=device).to(dtype)
     b = torch.randn(k, n, device=device).to(dtype)
-    for _ in range(3):
-        a @ b
+    t0 = time.perf_counter()
+    a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    if first >= seconds:  # a slow precision here (bf16 without hardware support): one product says enough
+        return round(2 * m * k * n / first / 1e9, 1)
     done, t0 = 0, time.perf_counter()
     while True:
         a @ b
@@ -88,15 +97,40 @@ def matmul_gflops(device, dtype, shape=(512, 768, 3072), seconds=1.0):
             return round(2 * m * k * n * done / elapsed / 1e9, 1)
 
 
-def bench_matmul(device):
-    """fp32 and (where the fast path uses it) bf16 throughput, and their ratio: the fast path's
-    matrix products cannot beat the latter (on this CPU: Zen 4, AVX512-BF16, no AMX: ~2.2x)."""
-    out = {"matmul_shape": [512, 768, 3072], "matmul_gflops": {"fp32": matmul_gflops(device, torch.float32)}}
-    if resolve_precision("auto", device) == "bf16":
-        out["matmul_gflops"]["bf16"] = matmul_gflops(device, torch.bfloat16)
+def ceiling_shapes(cfg, rows):
+    """The shapes the ceiling is the best of: 2048^3 (a big square, the BLAS at its best),
+    (512, 768) @ (768, 3072) (the earlier probe), and the model's own on a training batch of
+    ``rows`` = B * T positions: the MLP's first product (rows, d) @ (d, 4d) and the output head
+    (rows, d) @ (d, vocab)."""
+    d = cfg["emb_dim"]
+    return [(2048, 2048, 2048), (512, 768, 3072), (rows, d, 4 * d), (rows, d, cfg["vocab_size"])]
+
+
+def gemm_ceiling(device, precisions, shapes, seconds=1.0):
+    """{precision: {"best": GFLOP/s, "best_shape": "MxKxN", "shapes": {"MxKxN": GFLOP/s}}} for each
+    precision ("fp32", "bf16") the paths use: what this hardware's matrix products give, measured
+    in this run; the best shape's figure is the ceiling MFU divides by. fp32 on a GPU runs
+    without TF32 (the chapter's setting)."""
+    out = {}
+    for precision in precisions:
+        rates = {"x".join(map(str, s)): matmul_gflops(device, _DTYPES[precision], s, seconds) for s in shapes}
+        best = max(rates, key=rates.get)
+        out[precision] = {"best": rates[best], "best_shape": best, "shapes": rates}
+    return out
+
+
+def bench_matmul(ceiling):
+    """The earlier probe's fields, from the ceiling's (512, 768, 3072) shape: fp32 and (where the
+    fast path uses it) bf16 throughput, and their ratio, which bounds what bf16 can give."""
+    out = {"matmul_shape": [512, 768, 3072],
+           "matmul_gflops": {p: c["shapes"].get("512x768x3072") for p, c in ceiling.items()}}
+    if "bf16" in ceiling and "fp32" in ceiling:
         out["matmul_bf16_over_fp32"] = round(out["matmul_gflops"]["bf16"] / out["matmul_gflops"]["fp32"], 2)
     return out
 
 
+_T0 = time.perf_counter()
+
+
 def log(text):
-    print(f"[bench] {text}", file=sys.stderr, flush=True)
+    print(f"[bench {time.perf_counter() - _T0:6.1f} s] {text}", file=sys.stderr, flush=True)

@@ -2,10 +2,10 @@
 from playwright.sync_api import expect
 
 
-def settle(page):
-    """Wait until the app has finished the rerun that the last action started."""
+def settle(page, timeout=30_000):
+    """Wait until the app has finished the rerun that the last action started (a busy machine: up to 30 s)."""
     page.wait_for_timeout(150)  # the rerun's start reaches the browser shortly after the action
-    expect(page.locator('[data-testid="stApp"][data-test-script-state="notRunning"]')).to_be_attached()
+    expect(page.locator('[data-testid="stApp"][data-test-script-state="notRunning"]')).to_be_attached(timeout=timeout)
 
 
 def set_number(page, label, value):

@@ -111,8 +111,11 @@ def test_walk_through_the_pipeline(app_url, page):
     settle(page)
     expect(page.get_by_text("You:", exact=False).first).to_be_visible(timeout=60_000)
     expect(page.get_by_role("button", name="Save as a test case")).to_be_visible(timeout=60_000)
+    settle(page)  # the rerun that draws the reply ends first: a click during it can be lost
     page.get_by_text("Export this model for transformers, llama.cpp and Ollama").click()
+    settle(page)
     page.get_by_role("button", name="Export", exact=True).click()
+    settle(page)
     expect(page.get_by_text("Exported to", exact=False)).to_be_visible(timeout=120_000)
     expect(page.get_by_text("ollama create", exact=False).first).to_be_visible()
     assert list(app_url["exports"].glob("*/gguf/*-f32.gguf")) and list(app_url["exports"].glob("*/hf/model.safetensors"))
