@@ -34,7 +34,7 @@ def results_frame(rows):
         ci = r["judge_ci"]
         out.append({"run": r["run"], "method": r["method"], "state": r["state"], "model": r["model"],
                     "val loss": _fmt(r["val_loss"], ".3f"), "train loss": _fmt(r["train_loss"], ".3f"),
-                    "judge mean (95% CI)": None if r["judge_mean"] is None else
+                    "judge mean (95% CI)": "not scored" if r["judge_mean"] is None else
                     f"{r['judge_mean']:.1f} ({ci[0]:.1f}-{ci[1]:.1f}), {r['judged']} scored",
                     "training": None if r["training_s"] is None else f"{r['training_s'] / 60:.1f} min",
                     "tokens/s": _fmt(r["tokens_per_s"], ",.0f"), "peak memory (MB)": _fmt(r["peak_memory_mb"], ",.0f"),
