@@ -8,11 +8,12 @@ import streamlit as st
 st.set_page_config(page_title="SFT Studio", page_icon=":material/school:", layout="wide")
 from ui import boot  # noqa: E402  first: a cold server's first visitor sees that it is starting
 
-from ui import loaders, state  # noqa: E402  (imports torch)
+from ui import loaders, state, widgets  # noqa: E402  (imports torch)
 
 boot.done()
 st.set_option("client.showSidebarNavigation", True)  # config.toml hides it only for the legacy pages/ mode
 state.init_state()
+widgets.presenting_toggle()  # kept across pages and reloads; the Batches and Learn views read it
 
 
 def home():
@@ -77,6 +78,7 @@ PAGES = {
     "compare": st.Page("pages/4_compare.py", title="Compare", icon=":material/compare:"),
     "judge": st.Page("pages/5_judge.py", title="Judge", icon=":material/gavel:"),
     "chat": st.Page("pages/6_chat.py", title="Chat", icon=":material/chat:"),
+    "preference": st.Page("pages/7_preference.py", title="Preference", icon=":material/thumbs_up_down:"),
     "experiments": st.Page("pages/8_experiments.py", title="Experiments", icon=":material/science:"),
     "learn": st.Page("pages/9_learn.py", title="Learn", icon=":material/school:"),
 }

@@ -69,8 +69,8 @@ with m[4].popover("Zoom", icon=":material/zoom_in:", width="stretch"):
     positions = st.slider("Positions", 0, T - 1, (0, T - 1), key=f"bat_zoom_cols_{T}") if T > 1 else (0, 0)
     st.button("Show the last 20 positions", key="bat_zoom_end", on_click=ss.__setitem__,
               args=(f"bat_zoom_cols_{T}", (first_col, T - 1)), disabled=T <= 1)
-st.plotly_chart(figures.batch_figure(anatomy, labels, rows=range(rows[0], rows[1] + 1), positions=positions),
-                key="bat_grid")
+st.plotly_chart(figures.batch_figure(anatomy, labels, rows=range(rows[0], rows[1] + 1), positions=positions,
+                                     presenting=state.presenting()), key="bat_grid")
 st.caption(f"{split}: {len(data)} entries, {n_batches} batches; "
            f"{'shuffled with the seed, last partial batch dropped' if split == 'train' else 'in order'}; "
            f"prompt style `{ss.prompt_style}` (chosen on the Data page). Hover a cell for its token and target; "

@@ -16,9 +16,10 @@ from sft.studio.locks import DeviceBusyError, holder
 from sft.studio.manage import delete_run, rename_run, settings_changes
 from sft.studio.queue import QUEUED, dequeue, enqueue, queued_runs
 from sft.studio.runs import ACTIVE_STATES, Run, RunError
+from sft.studio.snapshots import read_snapshots
 from sft.studio.worker import launch_worker
 from sft.weights import weights_available
-from ui import checks, figures, loaders, snippets, state, widgets
+from ui import checks, evolution, figures, loaders, snippets, state, widgets
 from ui import jobs as job_ui
 from ui.widgets import reset_settings, setting_input
 
@@ -33,7 +34,8 @@ KEYS = {"epochs": "ft_epochs", "lr": "ft_lr", "weight_decay": "ft_wd", "batch_si
         "eval_freq": "ft_eval_freq", "eval_iter": "ft_eval_iter", "seed": "ft_seed", "precision": "ft_precision",
         "limit": "ft_limit", "max_steps": "ft_max_steps", "response_tokens": "ft_response_tokens",
         "grad_accum_steps": "ft_accum", "activation_checkpointing": "ft_ckpt", "group_by_length": "ft_grouped",
-        "compile": "ft_compile", "answer_limit": "ft_answer_limit"}
+        "compile": "ft_compile", "answer_limit": "ft_answer_limit", "snapshot_every": "ft_snapshot_every",
+        "snapshot_prompts": "ft_snapshot_prompts"}
 WAITING = (*ACTIVE_STATES, QUEUED)  # runs whose state changes without this page: it polls while one is shown
 
 
@@ -210,6 +212,11 @@ with st.expander("More settings", key="ft_more"):
                          "rest)."} if name == "answer_limit" else {}
         given[name] = setting_input(col, name, label, key=KEYS[name], defaults=defaults,
                                     disabled=chapter and name == "precision", **extra)
+    c = st.columns([1, 3])
+    given["snapshot_every"] = setting_input(c[0], "snapshot_every", "Keep answers every N evaluations",
+                                            key=KEYS["snapshot_every"], defaults=defaults)
+    given["snapshot_prompts"] = setting_input(c[1], "snapshot_prompts", "More prompts to watch (up to 2, "
+                                              "separated by |)", key=KEYS["snapshot_prompts"], defaults=defaults)
     run_name = st.text_input("Run name (optional)", key="ft_run_name",
                              help="Letters, digits, '.', '_' or '-'; empty: the time and the model.")
     chapter = st.toggle("The chapter's exact computation (slow)", key="ft_chapter_path",
@@ -380,7 +387,7 @@ def live(name):
                    " (see the Compare page).", icon=":material/check_circle:")
     evals, steps = run.read_metrics("eval"), run.read_metrics("step")
     x = st.radio("x axis", list(figures.X_AXES), horizontal=True, key="ft_x")
-    st.plotly_chart(figures.loss_figure(evals, steps, x), key="ft_curve")
+    evolution.show(name, read_snapshots(run), evals, steps, x, p.get("elapsed"))
     for s in run.read_metrics("sample"):
         st.markdown(f"**Sample answer, epoch {s['epoch']}** (to the first validation prompt):")
         st.code(s.get("response") or "(empty)", language=None, wrap_lines=True)

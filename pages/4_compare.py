@@ -1,6 +1,7 @@
 """Compare: the base model and a fine-tuned run answer the same instructions, side by side."""
 from ui import boot  # noqa: F401  first: a cold server's first visitor sees that it is starting
 import json
+from pathlib import Path
 
 import pandas  # noqa: F401  imported before Plotly's use: a first-render import race was seen without it
 import streamlit as st
@@ -10,7 +11,7 @@ from sft.model import canonical_model_name
 from sft.studio.answers import answer_entries
 from sft.studio.files import read_json
 from sft.studio.jobs import JOB_ACTIVE, Job, JobError, answer_job_folder, start_answer_job
-from sft.studio.runs import ACTIVE_STATES
+from sft.studio.runs import ACTIVE_STATES, Run
 from sft.weights import weights_available
 from ui import figures, loaders, snippets, state, widgets
 from ui import jobs as job_ui
@@ -33,11 +34,17 @@ run = runs[names.index(name)]
 cfg, (weights_path, mtime) = run.config, loaders.run_weights(run)
 c1.caption(f"{canonical_model_name(cfg.model)}, {run.state}; answering with `{weights_path}`; "
            f"prompt style `{cfg.prompt_style}`.")
-base_names = state.GPT2_NAMES + [state.TINY]
+# A DPO run's reference (the instruction run it started from) is what it moved away from: offered first.
+reference = Run(cfg.from_run) if getattr(cfg, "from_run", None) and Path(cfg.from_run, "config.json").is_file() else None
+ref_label = f"reference: {reference.name} (the run DPO started from)" if reference else None
+ref_weights = loaders.run_weights(reference) if reference else None
+base_names = ([ref_label] if ref_weights else []) + state.GPT2_NAMES + [state.TINY]
 trained_from = canonical_model_name(cfg.model)
-state.start_widget("cmp_base", trained_from if trained_from in base_names else base_names[0], base_names)
+state.start_widget("cmp_base", ref_label if ref_weights else trained_from if trained_from in base_names
+                   else base_names[0], base_names)
 base = c2.selectbox("Base model", base_names, key="cmp_base", help="Defaults to the model the run started from.")
-base_source = "random" if base == state.TINY else weights_available(base, str(state.models_dir()))
+base_source = "reference" if base == ref_label else "random" if base == state.TINY else \
+    weights_available(base, str(state.models_dir()))
 if base_source is None:
     c2.warning(f"{base} is not downloaded: its answers are skipped (download it on the Fine-tune page).")
 elif base == state.TINY:
@@ -77,8 +84,9 @@ def answer(model, todo, **kw):
 if st.button("Generate answers", type="primary", key="cmp_go", disabled=not entries):
     with st.spinner("Generating…"):
         tuned = answer(loaders.finetuned_model(str(run.path), weights_path, mtime, bf16), entries)
-        based = (answer(loaders.base_model(base, base_source, bf16), entries)
-                 if base_source else [None] * len(entries))
+        base_model = (loaders.finetuned_model(str(reference.path), *ref_weights, bf16) if base_source == "reference"
+                      else loaders.base_model(base, base_source, bf16) if base_source else None)
+        based = answer(base_model, entries) if base_model is not None else [None] * len(entries)
     ss.cmp_results = [{**e, "base": b, "tuned": t, "base_name": base, "run": name}
                       for e, b, t in zip(entries, based, tuned)]
 

@@ -4,7 +4,7 @@ import pandas  # noqa: F401  imported before Plotly's use: a first-render import
 import streamlit as st
 
 from sft.studio.token_loss import compare_examples, explain_example, role_summary
-from ui import chat, learn, loaders, state
+from ui import chat, learn, loaders, snippets, state, widgets
 
 state.init_state()
 ss = st.session_state
@@ -47,10 +47,16 @@ m = st.columns(3)
 m[0].metric("Mean loss of this example", f"{sum(x['loss'] for x in trained) / len(trained):.3f}")
 m[1].metric("Targets that train", len(trained))
 m[2].metric("Targets set to -100", sum(1 for x in cells if not x["in_loss"] and x["role"] != "padding"))
-st.html(learn.legend_html())
-st.html(learn.token_html(cells))
+big = state.presenting()  # the sidebar's projector setting: larger tokens and legends
+st.html(learn.legend_html(presenting=big))
+st.html(learn.token_html(cells, presenting=big))
 with st.expander("Every position as a table"):
     st.dataframe(learn.cells_frame(cells), hide_index=True, key="learn_table")
+choice = choices[tuned_label]
+source, duplicates = loaders.dataset_origin()
+widgets.code_behind(snippets.learn(("run", choice[1].path) if choice[0] == "run" else choice, split, index,
+                                   source=source, duplicates=duplicates, models_dir=str(state.models_dir()),
+                                   **settings))
 
 if base_label != "(none)":
     base, _, base_caption = chat.load(choices[base_label])
@@ -58,8 +64,14 @@ if base_label != "(none)":
     st.caption(f"Against **{base_label}** ({base_caption}): each token coloured by how much more (blue) or less "
                "(orange) likely the tuned model makes its next token, as a change in log-probability.")
     rows = compare_examples(base, tuned, entry, loaders.tokenizer(), **settings)
-    st.html(learn.legend_html(change=True))
-    st.html(learn.token_html(rows, change=True))
+    st.html(learn.legend_html(change=True, presenting=big))
+    st.html(learn.token_html(rows, change=True, presenting=big))
+    st.markdown("**Side by side**, each token coloured by its loss (the legend above the first view):")
+    side = st.columns(2)
+    for col, label, model in ((side[0], base_label, base), (side[1], tuned_label, tuned)):
+        col.caption(label)
+        with col:
+            st.html(learn.token_html(explain_example(model, entry, loaders.tokenizer(), **settings), presenting=big))
 
 st.subheader(f"Over the whole {split} split: mean loss by role")
 st.caption("Which part of the examples the model finds hard. Every target is measured, the -100 ones too: with "

@@ -88,10 +88,14 @@ def _legend_entry(fig, name, color, legend):
                              marker=dict(symbol="square", size=14, color=color, line=dict(color="#555", width=1))))
 
 
-def batch_figure(anatomy: dict, row_labels: list, rows=None, positions=None) -> go.Figure:
+PRESENTING_SCALE = 1.4  # fonts and row heights of the grids in presentation mode (a projector at 1280x720)
+
+
+def batch_figure(anatomy: dict, row_labels: list, rows=None, positions=None, presenting=False) -> go.Figure:
     """Inputs (one row per example, one column per position, coloured by role) above their targets
     (blue: trains; E: the end-of-text each row learns; ×: -100). `rows` and `positions` ((first, last),
-    inclusive) zoom in; at TEXT_COLUMNS positions or fewer each cell shows its token and its target."""
+    inclusive) zoom in; at TEXT_COLUMNS positions or fewer each cell shows its token and its target.
+    `presenting`: fonts, rows and legends PRESENTING_SCALE times larger, for a projector."""
     from plotly.subplots import make_subplots
 
     B, T, cells = anatomy["rows"], anatomy["cols"], anatomy["cells"]
@@ -113,7 +117,8 @@ def batch_figure(anatomy: dict, row_labels: list, rows=None, positions=None) -> 
                       + (f"{c['target_id']} {c['target_text']!r}" if c["in_loss"] else f"{c['target_id']} (ignored)")
                       for c in line])
     y = [row_labels[r] for r in rows]
-    font = {"size": 13 if zoomed else 12}
+    k = PRESENTING_SCALE if presenting else 1.0
+    font = {"size": round((13 if zoomed else 12) * k)}
     gap = 0.16  # between the panels, in paper units: room for the targets' legend
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=gap)
     fig.add_trace(go.Heatmap(z=z_in, x=cols, y=y, text=text_in, texttemplate="%{text}", textfont=font,
@@ -130,13 +135,13 @@ def batch_figure(anatomy: dict, row_labels: list, rows=None, positions=None) -> 
             _legend_entry(fig, role, ROLE_COLORS[role], "legend")
     for name, color, _ in TARGET_CLASSES.values():
         _legend_entry(fig, name, color, "legend2")
-    fig.update_yaxes(type="category", autorange="reversed", tickfont={"size": 13})  # "#8" must not read as a number
-    fig.update_xaxes(tickfont={"size": 12}, dtick=1 if len(cols) <= 30 else 5)
+    fig.update_yaxes(type="category", autorange="reversed", tickfont={"size": round(13 * k)})  # "#8": not a number
+    fig.update_xaxes(tickfont={"size": round(12 * k)}, dtick=1 if len(cols) <= 30 else 5)
     fig.update_xaxes(title_text="position", title_standoff=2, row=2, col=1)
-    per_row = 30 if zoomed else 19
-    legend = dict(orientation="h", yanchor="bottom", x=0, xanchor="left", font={"size": 13},
-                  title_font={"size": 14}, itemclick=False, itemdoubleclick=False)
-    fig.update_layout(height=120 + 2 * per_row * len(rows), margin=dict(l=10, r=10, t=28, b=6),
+    per_row = round((30 if zoomed else 19) * k)
+    legend = dict(orientation="h", yanchor="bottom", x=0, xanchor="left", font={"size": round(13 * k)},
+                  title_font={"size": round(14 * k)}, itemclick=False, itemdoubleclick=False)
+    fig.update_layout(height=round(120 * k) + 2 * per_row * len(rows), margin=dict(l=10, r=10, t=round(28 * k), b=6),
                       plot_bgcolor="white",
                       legend={**legend, "y": 1.0, "title_text": "<b>inputs</b>, coloured by role:"},
                       legend2={**legend, "y": 0.5 - gap / 2,

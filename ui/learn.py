@@ -40,9 +40,15 @@ def _tip(cell, change=False):
     return "\n".join(lines)
 
 
-def token_html(cells, *, change=False, font_px=15):
+PRESENTING_PX = {"tokens": 24, "legend": 20}  # font sizes in presentation mode (a projector at 1280x720)
+
+
+def token_html(cells, *, change=False, font_px=15, presenting=False):
     """Each input token as a coloured box: its colour is the loss of the target it predicts (the next
-    token), grey where that target is -100; the end-of-text target is outlined; hover for the guesses."""
+    token), grey where that target is -100; the end-of-text target is outlined; hover for the guesses.
+    Tokens wrap, so none is ever off to the right. ``presenting``: larger, for a projector."""
+    font_px = PRESENTING_PX["tokens"] if presenting else font_px
+    edge = 3 if presenting else 2
     spans = []
     for cell in cells:
         if cell["role"] == "padding":
@@ -50,14 +56,16 @@ def token_html(cells, *, change=False, font_px=15):
         colour = _change_colour(cell.get("logprob_change")) if change else _loss_colour(cell["loss"])
         text = html.escape(cell["token_text"]).replace("\n", "↵<br>") or "&nbsp;"
         dark = not change and cell["loss"] is not None and cell["loss"] > 4.5
-        border = "2px solid #d55e00" if cell["target_role"] == "end-of-text" and cell["in_loss"] else "1px solid #fff"
+        eot = cell["target_role"] == "end-of-text" and cell["in_loss"]
+        border = f"{edge}px solid #d55e00" if eot else "1px solid #fff"
         spans.append(f'<span title="{html.escape(_tip(cell, change))}" style="background:{colour};'
                      f'color:{"#fff" if dark else "#000"};border:{border};border-radius:3px;padding:1px 2px;'
                      f'margin:1px;font-family:monospace;font-size:{font_px}px;line-height:2">{text}</span>')
     return f'<div style="word-break:break-word">{"".join(spans)}</div>'
 
 
-def legend_html(change=False, font_px=13):
+def legend_html(change=False, font_px=13, presenting=False):
+    font_px = PRESENTING_PX["legend"] if presenting else font_px
     if change:
         items = [(_change_colour(-3), "fine-tuning made it less likely"), (_change_colour(0), "unchanged"),
                  (_change_colour(3), "more likely"), (GREY, "target -100 (not trained)")]

@@ -4,6 +4,7 @@ notebook. Each snippet ends by setting ``result``, which the tests compare with 
 """
 import shlex
 from dataclasses import fields
+from pathlib import Path
 
 from sft.studio.config import TrainConfig, field_type
 
@@ -132,17 +133,21 @@ result = summary["mean"]"""
     return code, shlex.join(cli)
 
 
+def _load_model(choice, models_dir):
+    """The lines that load a model the way the Chat and Learn pages do: ("run", run folder) or
+    ("base", model name, weights source)."""
+    if choice[0] == "run":
+        return f"from sft import Run\n\nmodel = Run({_lit(str(choice[1]))}).load_model()  # its final weights"
+    return (f"from sft.weights import load_pretrained\n\n"
+            f"model = load_pretrained({_lit(choice[1])}, {_lit(str(models_dir))}, source={_lit(choice[2])}).eval()")
+
+
 def chat(choice, instruction, input_text="", prompt_style="alpaca", max_new_tokens=200, temperature=0.0, top_k=None,
          models_dir="models"):
     """Chat page: one message answered by the first model, as the page streams it (pieces joined here).
     ``choice``: ("run", run folder) or ("base", model name, weights source)."""
-    if choice[0] == "run":
-        load = f"from sft import Run\n\nmodel = Run({_lit(str(choice[1]))}).load_model()  # its final weights"
-    else:
-        load = (f"from sft.weights import load_pretrained\n\n"
-                f"model = load_pretrained({_lit(choice[1])}, {_lit(str(models_dir))}, source={_lit(choice[2])}).eval()")
     code = f"""import torch
-{load}
+{_load_model(choice, models_dir)}
 from sft.studio.chat import chat_prompt, stop_markers, stream_reply
 from sft.tokenizer import get_tokenizer
 
@@ -152,3 +157,36 @@ pieces = stream_reply(model, get_tokenizer(), prompt, stops=stop_markers({_lit(p
                       max_new_tokens={max_new_tokens}, temperature={temperature}, top_k={_lit(top_k)})
 result = "".join(pieces).lstrip()  # the page shows each piece as it comes"""
     return code, None
+
+
+def learn(choice, split="val", index=0, prompt_style="alpaca", mask_instruction=False, allowed_max_length=1024,
+          source=None, duplicates=None, models_dir="models"):
+    """Learn page: one entry through the training's collate and masks, each target's loss under the model;
+    their mean over the targets that are not -100 is the chapter's loss of this example."""
+    code = f"""{_load_model(choice, models_dir)}
+from sft import get_tokenizer, load_instruction_data, split_data
+from sft.studio.token_loss import explain_example
+
+train, test, val = split_data(load_instruction_data({_lit(source)}, duplicates={_lit(duplicates)}))
+cells = explain_example(model, {split}[{index}], get_tokenizer(), prompt_style={_lit(prompt_style)},
+                        mask_instruction={mask_instruction}, allowed_max_length={allowed_max_length})
+trained = [c["loss"] for c in cells if c["in_loss"]]  # targets that are not -100
+for c in cells[:8]:
+    print(repr(c["token_text"]), "->", repr(c["target_text"]), c["loss"], c["top"][:2])
+result = {{"mean_loss": sum(trained) / len(trained), "targets": len(trained)}}"""
+    return code, None
+
+
+def experiments(run_dirs):
+    """Experiments page: the runs picked, what each achieved and the settings that differ between them."""
+    code = f"""from sft import Run
+from sft.studio.experiments import compare_runs
+
+runs = [Run(path) for path in {_lit([str(p) for p in run_dirs])}]
+table = compare_runs(runs)  # {{"rows": what each run achieved, "differs": {{setting: [value per run]}}}}
+for row in table["rows"]:
+    print(row["run"], row["state"], row.get("val_loss"))
+print(table["differs"])
+result = table"""
+    return code, shlex.join(["python", "-m", "sft", "runs", "list", "--runs-root", str(Path(run_dirs[0]).parent)]
+                            if run_dirs else ["python", "-m", "sft", "runs", "list"])

@@ -47,6 +47,7 @@ STATE_DEFAULTS = {
     "mask_instruction": _DEFAULTS.mask_instruction,  # exercise 7.2, likewise
     "model_name": _DEFAULTS.model,  # the chapter's choice
     "run_name": None,  # the run the Fine-tune and Compare pages show
+    "presenting": False,  # the sidebar's "Presenting (projector)": larger batch grids and token views
 }
 
 
@@ -59,6 +60,11 @@ def init_state():
     restore()  # the choices kept in the workspace file, once per browser session
     for key, value in STATE_DEFAULTS.items():
         st.session_state.setdefault(key, value)
+
+
+def presenting() -> bool:
+    """Whether the sidebar's "Presenting (projector)" toggle is on (``ui.widgets.presenting_toggle``)."""
+    return bool(st.session_state.get("presenting"))
 
 
 def remember(**values):

@@ -51,6 +51,26 @@ def reset_settings(keys_by_field, defaults):
         st.session_state[key] = _widget_value(name, getattr(defaults, name))
 
 
+def presenting_toggle():
+    """The sidebar's "Presenting (projector)" toggle, drawn by app.py above every page; its value is a plain
+    key kept in the workspace, so other pages and a reload find it. On, it widens the page's main column."""
+    ss = st.session_state
+    ss["side_presenting"] = bool(ss.get("presenting"))  # the plain key decides; a click changes it first
+
+    def keep():
+        from .state import remember
+
+        remember(presenting=bool(ss.side_presenting))
+
+    on = st.sidebar.toggle("Presenting (projector)", key="side_presenting", on_change=keep,
+                           help="For a projector at 1280x720: larger batch grids, token views and legends; the "
+                                "-100 cells and the end-of-text target stay on screen without scrolling sideways.")
+    if on:  # the page's side margins go to the grids
+        st.html("<style>[data-testid=stMainBlockContainer]{padding-left:1.5rem;padding-right:1.5rem;"
+                "max-width:none}</style>")
+    return on
+
+
 def code_behind(snippet, *, note=None):
     """An expander with the ``sft`` Python (and the ``python -m sft`` command, where there is one) that redoes
     what the page shows with its current settings; ``snippet`` is a ``ui.snippets`` (code, command) pair."""

@@ -21,7 +21,7 @@ LOADED = "_workspace_restored"  # session key: this browser session has read the
 # Plain session keys kept in the file (the dataset itself goes in data/, by hash).
 KEPT = ("dataset_name", "dataset_key", "data_source_kind", "prompt_style", "allowed_max_length",
         "mask_instruction", "batch_size", "batch_seed", "batch_split", "model_name", "run_name",
-        "judge_backend", "judge_url", "judge_model", "judge_run", "exp_selected")
+        "judge_backend", "judge_url", "judge_model", "judge_run", "exp_selected", "presenting")
 
 
 def workspace_dir() -> Path:

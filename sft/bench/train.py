@@ -77,8 +77,35 @@ def path_configs(args, device):
     common = dict(model=args.model, weights="random", batch_size=args.batch_size, max_steps=args.train_steps,
                   eval_freq=args.eval_freq, eval_iter=args.eval_iter, seed=args.seed, sample_each_epoch=False,
                   allowed_max_length=args.allowed_max_length, device=str(device))
+    # Both on the chapter's evaluation schedule (eval_iter training batches too), so they draw the same batches;
+    # the fast path's default, the train loss from the steps, is timed apart (``eval_modes``).
     return (TrainConfig.chapter_path(**common),
-            TrainConfig(**common, group_by_length=False, precision=args.precision))
+            TrainConfig(**common, group_by_length=False, precision=args.precision, train_loss_from_steps=False))
+
+
+def eval_modes(trainer, repeats=2):
+    """Seconds of one evaluation by ``trainer``, both ways: the chapter's schedule (eval_iter training and
+    eval_iter validation batches) and the default (the train loss from the steps just computed: the
+    validation batches alone)."""
+    saved, cheap = trainer.since_eval, trainer.config.train_loss_from_steps
+    trainer.config.train_loss_from_steps, out = True, {}
+    for label, recent in (("chapter_schedule", []), ("train_loss_from_steps", [0.0])):
+        with Meter(trainer.device) as meter:
+            for _ in range(repeats):
+                trainer.since_eval = list(recent)
+                trainer.eval_metrics()
+        out[label] = round(meter.wall / repeats, 4)
+    trainer.since_eval, trainer.config.train_loss_from_steps = saved, cheap
+    return out
+
+
+def cheap_eval_loop(chapter, fast, per_eval, n_evals):
+    """The whole loop with the fast path's default evaluation: its measured step seconds plus ``n_evals``
+    evaluations at the measured cost of the cheaper one; against the chapter's whole loop (same tokens)."""
+    loop = fast["seconds"] - fast["eval_seconds"] + n_evals * per_eval["train_loss_from_steps"]
+    return {"train_eval_seconds_each": per_eval, "train_loop_seconds_cheap_eval": round(loop, 3),
+            "train_eval_share_cheap_eval": round(n_evals * per_eval["train_loss_from_steps"] / loop, 3),
+            "train_ratio_cheap_eval": round(chapter["seconds"] / loop, 3)}
 
 
 def replay_for(args, splits, tokenizer):
@@ -141,6 +168,8 @@ def bench_training(args, model_cfg, init_state, splits, tokenizer, device, ceili
         profile = profile_steps(paths, batches[0], model_cfg["vocab_size"], device)
     chapter, fast = reports["chapter"], reports["fast"]
     last_c, last_f = chapter["losses"][-1], fast["losses"][-1]
+    log("timing one evaluation of the fast path both ways (chapter's schedule; train loss from the steps)")
+    cheap = cheap_eval_loop(chapter, fast, eval_modes(paths[1].trainer), len(fast["val_losses"]))
     out = {
         "train": reports,
         "train_tokens_per_s": {k: r["tokens_per_s"] for k, r in reports.items()},
@@ -159,7 +188,7 @@ def bench_training(args, model_cfg, init_state, splits, tokenizer, device, ceili
         "loss_rel_diff_last": round(abs(last_f - last_c) / abs(last_c), 6),
         "val_loss_after_rel_diff": round(abs(fast["val_loss_after"] - chapter["val_loss_after"])
                                          / abs(chapter["val_loss_after"]), 6),
-        "train_ratio_vs_hf": None, "train_loop_ratio_vs_hf": None, "hf_missing": hf_missing,
+        "train_ratio_vs_hf": None, "train_loop_ratio_vs_hf": None, "hf_missing": hf_missing, **cheap,
     }
     if profile is not None:
         out["train_profile_ms"] = profile

@@ -35,11 +35,12 @@ def add_arguments(p):
     common.add_argument("--runs-root", default="runs", help="folder holding run folders (and .experiments/)")
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     c = sub.add_parser("chapter-exercises", parents=[common], formatter_class=p.formatter_class,
-                       help="queue the baseline, Phi-3 (7.1), masking (7.2) and LoRA (7.4) runs on the same data, "
-                            "model and seed; each answers its test split, and the judge scores them",
+                       help="queue the baseline, Phi-3 (7.1), masking (7.2), LoRA (7.4) and DPO-on-the-baseline runs on "
+                            "the same data, model and seed; each answers its test split, and the judge scores them",
                        description="Queue the chapter's exercises as one experiment: the baseline, the Phi-3 prompt "
                                    "style (exercise 7.1), instruction masking (7.2) and LoRA rank 16 alpha 16 (7.4) "
-                                   "on the same data, model and seed (DPO on top of the baseline waits for issue 14).")
+                                   "on the same data, model and seed, then DPO on top of the baseline (the DPO notebook's settings, "
+                                   "from the baseline run's final weights).")
     add_config_arguments(c, TrainConfig, exclude=VARIANT_SETTINGS)
     g = c.add_argument_group("the experiment")
     g.add_argument("--name", default=None, help="experiment name; its runs are NAME-baseline, NAME-phi3, ... "
@@ -116,8 +117,6 @@ def _chapter_exercises(args):
     print(f"Experiment {name}: queued {len(record['runs'])} runs on {record['device']}, in this order:")
     for place, entry in enumerate(record["runs"], start=1):
         print(f"  {place}. {entry['run']}  ({entry['exercise']}: {entry['label']})")
-    if not exercises.DPO_VARIANT_READY:
-        print(f"  -  {exercises.DPO_VARIANT[2]}: {exercises.DPO_WAITING}")
     if not args.wait:
         print(f"Each starts when the device is free (python -m sft queue list shows the line). When they have "
               f"ended: python -m sft experiment summary {name}")

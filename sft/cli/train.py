@@ -10,6 +10,11 @@ from .settings import add_config_arguments, given_settings
 
 def add_arguments(p):
     add_config_arguments(p, TrainConfig)
+    add_run_arguments(p)
+
+
+def add_run_arguments(p):
+    """The flags of how to run (not settings of the run); ``dpo`` has them too."""
     g = p.add_argument_group("how to run")
     g.add_argument("--chapter-path", action="store_true",
                    help="compute exactly as the chapter: fp32, the book's module bodies, full output head, no "
@@ -60,8 +65,10 @@ class Progress:
                                  tok_s=f"{e['tokens_per_s']:.0f}" if e.get("tokens_per_s") else "-")
         elif kind == "eval":
             fmt = lambda x: "nan" if x is None else f"{x:.3f}"  # noqa: E731
+            margins = (f", Train reward margins {fmt(e['train_margin'])}, Val reward margins {fmt(e['val_margin'])}"
+                       if "train_margin" in e else "")  # a DPO run's, as the DPO notebook prints them
             self._print(f"Ep {e['epoch']} (Step {e['step']:06d}): Train loss {fmt(e['train_loss'])}, "
-                        f"Val loss {fmt(e['val_loss'])}")
+                        f"Val loss {fmt(e['val_loss'])}{margins}")
         elif kind == "sample":
             self._print(f"Sample answer (epoch {e['epoch']}): {e['response']!r}")
         elif kind == "checkpoint":
@@ -199,6 +206,7 @@ def _train_distributed(args):
     import torch.distributed as dist
 
     from ..studio.distributed import init_from_env, shutdown
+    from ..studio.dpo_config import load_config
     from ..studio.runs import Run
     from ..studio.worker import execute_run
 
@@ -207,7 +215,7 @@ def _train_distributed(args):
         if args.detach:
             raise ValueError("--detach cannot be used under torchrun")
         existing = _existing_config(args)
-        config = TrainConfig.load(existing) if existing else config_from_args(args)
+        config = load_config(existing) if existing else config_from_args(args)
         ctx = init_from_env(config.validate().device)
         box = [None]
         if ctx.is_main:

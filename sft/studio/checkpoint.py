@@ -194,6 +194,7 @@ def training_state(trainer, elapsed):
             "model": trainer.trainable_state_dict(), "optimizer": trainer.optimizer.state_dict(),
             **{k: getattr(trainer, k) for k in POSITION},
             "n_batches": len(trainer.train_loader), "elapsed": elapsed, "history": trainer.history,
+            "since_eval": list(trainer.since_eval),
             "config": trainer.config.to_dict(), **trainer.batches.state_dict()}
 
 
@@ -210,5 +211,6 @@ def restore_training_state(trainer, state, *, source="checkpoint"):
     for key in POSITION:
         setattr(trainer, key, state[key])
     trainer.history = {k: list(v) for k, v in state["history"].items()}
+    trainer.since_eval = list(state.get("since_eval", ()))  # older checkpoints: the next evaluation's batches
     trainer.elapsed_before = state["elapsed"]
     trainer.batches.load_state_dict(state)

@@ -62,7 +62,7 @@ class ConfigError(ValueError):
 # Fields the chapter's exact computation fixes, and their values there.
 CHAPTER_SETTINGS = {"precision": "fp32", "fast_kernels": False, "masked_head_loss": False,
                     "group_by_length": False, "tf32": False, "fused_adamw": False, "compile": False,
-                    "grad_accum_steps": 1}
+                    "grad_accum_steps": 1, "train_loss_from_steps": False}
 
 # The tiny random model's demo settings, chosen by measuring on a 2-core CPU (README, "The app"): the
 # chapter's lr 5e-5 barely moves random weights (val loss 10.9 -> 9.0, answers "."). After 2 epochs
@@ -81,6 +81,15 @@ MODEL_PRESETS = {TINY_NAME: {"weights": "random", "allowed_max_length": 256, **T
 PRESET_REASONS = {TINY_NAME: "Its random weights need a far higher learning rate to learn within about two "
                              "minutes on a CPU: the validation loss falls from above 10 to below "
                              f"{TINY_DEMO_VAL_LOSS:g}. Real GPT-2 weights keep the chapter's settings"}
+MAX_EXTRA_PROMPTS = 2
+PROMPT_SEPARATOR = "|"  # between the extra instructions of ``snapshot_prompts`` (one flag on the command line)
+
+
+def extra_instructions(text):
+    """The instructions of a ``snapshot_prompts`` setting: "Name a colour.|Add 2 and 3." -> two."""
+    return [t.strip() for t in (text or "").split(PROMPT_SEPARATOR) if t.strip()]
+
+
 QUICK_RUN_ANSWERS = 32  # test entries answered after a run that max_steps cut short: one batch (RESPONSE_BATCH)
 
 
@@ -136,10 +145,19 @@ class TrainConfig:
     # evaluation (chapter: every 5 steps over 5 batches) and samples
     eval_freq: int = setting(5, "evaluate every N steps", group="evaluation", low=1)
     eval_iter: int = setting(5, "batches per evaluation", group="evaluation", low=1)
+    train_loss_from_steps: bool = setting(True, "an evaluation's train loss: the mean loss of the training steps since "
+                                          "the last one (no extra batches); off: eval_iter fresh training batches, "
+                                          "as the chapter", group="evaluation", label="Train loss from the steps")
     sample_each_epoch: bool = setting(True, "answer the first validation prompt after each epoch",
                                       group="evaluation")
-    sample_tokens: int = setting(50, "new tokens of that sample answer (the chapter's 50)", group="evaluation",
-                                 low=0, high=1024)
+    sample_tokens: int = setting(50, "new tokens of that sample answer and of the snapshots (the chapter's 50)",
+                                 group="evaluation", low=0, high=1024)
+    # Not in the book: the answer kept at evaluations, to watch it form (sft.studio.snapshots)
+    snapshot_every: int = setting(1, "keep the greedy answer to the first validation prompt (and to "
+                                  "snapshot_prompts) at every Nth evaluation, to watch it form; 0: never",
+                                  group="evaluation", low=0, high=100000)
+    snapshot_prompts: str = setting("", f"up to {MAX_EXTRA_PROMPTS} more instructions answered at each snapshot, "
+                                    f"separated by '{PROMPT_SEPARATOR}'", group="evaluation")
     response_tokens: int = setting(256, "max new tokens per test answer after training", group="evaluation",
                                    low=1, high=1024)
     answer_limit: int | None = setting(None, "answer only the first N test entries after training (default: "
@@ -252,6 +270,10 @@ class TrainConfig:
                 p.append(f"lora_targets: {exc}")
         if isinstance(self.lora_dropout, (int, float)) and not 0 <= self.lora_dropout < 1:
             p.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        extra = extra_instructions(self.snapshot_prompts) if isinstance(self.snapshot_prompts, str) else []
+        if len(extra) > MAX_EXTRA_PROMPTS:
+            p.append(f"snapshot_prompts: at most {MAX_EXTRA_PROMPTS} instructions (separated by "
+                     f"'{PROMPT_SEPARATOR}'), got {len(extra)}")
         if self.masked_head_loss is True and self.fast_kernels is False:
             p.append("masked_head_loss needs fast_kernels (the packed rows are computed by sft.fast)")
         if p:

@@ -2,10 +2,9 @@
 
 ``chapter_exercises(base)`` gives the variants, as ``TrainConfig`` settings on the same data, model
 and seed: the chapter's baseline, the Phi-3 prompt style (exercise 7.1), instruction masking (7.2)
-and LoRA with rank 16 and alpha 16 (7.4). DPO on top of the baseline joins them once preference
-tuning can be queued as a run (``DPO_VARIANT_READY``, issue 14); until then the summary lists it as
-waiting. ``start_chapter_exercises`` creates their runs (``<experiment>-baseline``, ``-phi3``,
-``-masking``, ``-lora``), records the experiment in ``<runs>/.experiments/<name>.json`` and queues
+and LoRA with rank 16 and alpha 16 (7.4); then DPO on top of the baseline (the DPO notebook), a
+preference-tuning run from the baseline run's final weights. ``start_chapter_exercises`` creates their
+runs (``<experiment>-baseline``, ``-phi3``, ``-masking``, ``-lora``, ``-dpo``), records the experiment in ``<runs>/.experiments/<name>.json`` and queues
 the runs in that order (``sft.studio.queue``); after training each answers its test split (the
 worker does, as every run). ``summarize_experiment`` first has a judge score the answers not yet
 scored, when the judge answers, then returns one row per variant beside the book's figures and
@@ -17,6 +16,7 @@ from pathlib import Path
 from ..judge import JudgeError, default_scores_path, load_entries, make_client, score_responses, scored_records
 from ..model import canonical_model_name, is_tiny
 from .config import TrainConfig
+from .dpo_config import DPOConfig
 from .experiments import run_stats
 from .files import atomic_write_json, atomic_write_text, read_json
 from .hardware import device_key
@@ -39,18 +39,19 @@ BASELINE = {"prompt_style": "alpaca", "mask_instruction": False, "lora_rank": 0,
             "lora_targets": "all", "lora_dropout": 0.0}
 VARIANT_SETTINGS = tuple(BASELINE)  # settings the experiment chooses (not offered as the base's)
 
-# DPO on top of the baseline (the book's DPO notebook) waits for issue 14: preference tuning as a run.
-# To wire it: set DPO_VARIANT_READY and make ``dpo_settings`` return the DPO run's settings, starting
-# from the baseline run's final weights; it is then created and queued after the four others (the
-# baseline has trained by the time its turn comes) and summarised like them.
-DPO_VARIANT_READY = False
+# DPO on top of the baseline (the book's DPO notebook, issue 14): a DPO run queued after the four others, its
+# policy and reference the baseline run's final weights (found when its turn comes), with the notebook's
+# settings on the experiment's device and seed, on the bundled preference pairs cut to the same limit.
+DPO_VARIANT_READY = True
 DPO_VARIANT = ("dpo", "DPO notebook", "DPO on top of the baseline")
-DPO_WAITING = "waits for issue 14"
+DPO_WAITING = "not part of this experiment (made before DPO runs existed)"
+DPO_FROM_BASE = ("limit", "seed", "max_steps", "device", "precision")  # what the DPO run takes of the base settings
 
 
 def dpo_settings(baseline_settings, baseline_run):
-    """The DPO variant's run settings, on top of ``baseline_run`` (its name); None until issue 14."""
-    return None
+    """The DPO variant's run settings: from ``baseline_run`` (its folder), the notebook's defaults otherwise."""
+    return {"from_run": str(baseline_run), **{k: baseline_settings[k] for k in DPO_FROM_BASE
+                                              if baseline_settings.get(k) is not None}}
 
 
 # The book's published figures for the same variants: gpt2-medium (355M) fine-tuned as in chapter 7,
@@ -182,6 +183,7 @@ def start_chapter_exercises(root, base_settings=None, *, experiment=None, judge=
     if missing:
         raise RunError(missing)
     names = [check_run_name(f"{name}-{v['variant']}") for v in variants]
+    names += [check_run_name(f"{name}-{DPO_VARIANT[0]}")] if DPO_VARIANT_READY else []
     taken = [n for n in names if (root / n).exists()] + ([f"{EXPERIMENTS_DIR}/{name}.json"]
                                                          if record_path(root, name).exists() else [])
     if taken:
@@ -189,17 +191,18 @@ def start_chapter_exercises(root, base_settings=None, *, experiment=None, judge=
     runs = [Run.create(config, root=root, name=n) for config, n in zip(configs, names)]
     entries = [{"variant": v["variant"], "exercise": v["exercise"], "label": v["label"], "changes": v["changes"],
                 "run": run.name} for v, run in zip(variants, runs)]
-    dpo = dpo_settings(variants[0]["settings"], runs[0].name) if DPO_VARIANT_READY else None
-    if dpo is not None:
-        runs.append(Run.create(TrainConfig.from_settings(dpo).validate(), root=root, name=f"{name}-dpo"))
+    for run in runs:
+        enqueue(run, start_runner=False)
+    if DPO_VARIANT_READY:  # queued after the baseline, so its weights are there when its turn comes
+        dpo = DPOConfig.from_settings(dpo_settings(variants[0]["settings"], runs[0].path)).validate()
+        runs.append(Run.create(dpo, root=root, name=names[-1]))
+        enqueue(runs[-1], start_runner=False)
         entries.append({"variant": DPO_VARIANT[0], "exercise": DPO_VARIANT[1], "label": DPO_VARIANT[2],
-                        "changes": {}, "run": runs[-1].name})
+                        "changes": {"kind": ["sft", "dpo"]}, "run": runs[-1].name})
     base = base_settings.to_dict() if isinstance(base_settings, TrainConfig) else dict(base_settings or {})
     record = {"name": name, "kind": "chapter-exercises", "created": time.time(), "base_settings": base,
               "judge": judge, "runs": entries, "device": device_key(configs[0].device)}
     atomic_write_json(record_path(root, name), record)
-    for run in runs:
-        enqueue(run, start_runner=False)
     if start_runner:
         ensure_runner(root, record["device"], env=env)
     return record

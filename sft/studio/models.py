@@ -9,14 +9,18 @@ import torch
 from ..model import GPTModel, model_config
 from ..weights import load_pretrained
 from .adapters import apply_lora
+from .finetuned import load_finetuned
 
 
 def build_base_model(config):
     """A GPTModel: GPT-2 weights from ``config.weights``, or random (seeded) for "random".
 
     "random" works for every size (the chapter's gpt2 sizes too): for benchmarks and offline
-    demos; such a model is labelled RANDOM wherever a run shows it.
+    demos; such a model is labelled RANDOM wherever a run shows it. A DPO run with ``from_run``
+    starts from that run's final weights.
     """
+    if getattr(config, "from_run", None):  # a DPO run: the weights its instruction run ended with
+        return load_finetuned(config.start_weights_path())
     if config.weights == "random":
         torch.manual_seed(config.seed)
         return GPTModel(model_config(config.model))

@@ -5,6 +5,7 @@ One folder per run::
     runs/<name>/config.json        TrainConfig
                 status.json        {state, pid, device, started, updated, error, advice, progress}
                 metrics.jsonl      one Trainer event per line
+                snapshots.jsonl    the answers taken at evaluations (sft.studio.snapshots)
                 log.txt            the worker's stdout/stderr
                 checkpoints/last.pt  model, optimizer, RNG states, position in the epoch (+ previous.pt)
                 <model>-sft.pth    final weights (+ .safetensors, .json), the chapter's name
@@ -25,7 +26,8 @@ import torch
 
 from ..model import canonical_model_name
 from .checkpoint import has_checkpoint, load_checkpoint
-from .config import ConfigError, TrainConfig
+from .config import ConfigError
+from .dpo_config import load_config
 from .files import append_jsonl, atomic_write_json, atomic_write_text, read_json, read_jsonl, remove_temp_files
 from .finetuned import finetuned_filename
 from .locks import pid_alive
@@ -94,6 +96,7 @@ class Run:
     config_path = property(lambda self: self.path / "config.json")
     status_path = property(lambda self: self.path / "status.json")
     metrics_path = property(lambda self: self.path / "metrics.jsonl")
+    snapshots_path = property(lambda self: self.path / "snapshots.jsonl")  # answers at evaluations (snapshots)
     log_path = property(lambda self: self.path / "log.txt")
     stop_path = property(lambda self: self.path / "stop")
     checkpoint_path = property(lambda self: self.path / "checkpoints" / "last.pt")
@@ -108,7 +111,7 @@ class Run:
 
     @property
     def config(self):
-        return TrainConfig.load(self.config_path)
+        return load_config(self.config_path)  # a TrainConfig, or a DPOConfig for a DPO run
 
     @property
     def has_checkpoint(self):
@@ -144,6 +147,9 @@ class Run:
             pid = status.get("pid") or worker.get("pid")
             started = status.get("pid_started") if status.get("pid") else worker.get("create_time")
             if pid and not pid_alive(pid, started):
+                ended = self._read_status() or {}  # it may have ended, and written so, since the first read
+                if ended.get("state") not in ACTIVE_STATES:
+                    return ended
                 return self.update_status(
                     state="failed", finished=time.time(), log_tail=self.tail_log(20),
                     error=self._exit_reason(pid))
@@ -169,8 +175,9 @@ class Run:
         return self.state in ACTIVE_STATES
 
     def record_event(self, event):
-        """A Trainer callback: append ``event`` to metrics.jsonl and update status.json's progress."""
-        append_jsonl(self.metrics_path, event)
+        """A Trainer callback: append ``event`` to metrics.jsonl (a "snapshot" to snapshots.jsonl, which
+        the polling pages need not read) and update status.json's progress."""
+        append_jsonl(self.snapshots_path if event["type"] == "snapshot" else self.metrics_path, event)
         if self._status is None:
             self._status = self._read_status()
         progress = dict(self._status.get("progress") or {})

@@ -15,16 +15,15 @@ from contextlib import nullcontext
 import torch
 
 from ..batching import IGNORE_INDEX
-from ..fast.decode import generate_batch
 from ..fast.forward import FastGPT
 from ..fast.loss import full_loss, masked_head_loss
-from ..tokenizer import EOT_ID
 from . import distributed
 from .adapters import load_trainable_state, trainable_state
 from .checkpoint import EpochBatches, load_checkpoint, restore_training_state, save_checkpoint, training_state
 from .config import ConfigError, TrainingError, oom_advice
 from .files import append_jsonl
 from .hardware import resolve_device, resolve_precision, tf32
+from .snapshots import Snapshots, greedy_answer
 
 
 def _is_oom(exc):
@@ -41,7 +40,7 @@ def _finite_or_none(x):
 class Trainer:
     """The training loop.
 
-    Every step, evaluation, epoch end, sample, checkpoint and the end are reported as event
+    Every step, evaluation, answer snapshot, epoch end, sample, checkpoint and the end are reported as event
     dicts to each callback (and, with ``metrics_path``, appended to a JSONL file). A stop asked
     with ``request_stop()`` or by creating ``stop_file`` is honoured between optimizer steps:
     the trainer checkpoints and ``fit`` returns with state "stopped". ``resume(path)`` then
@@ -59,6 +58,7 @@ class Trainer:
         self.model = model.to(self.device)
         self.train_loader, self.val_loader = train_loader, val_loader
         self.tokenizer, self.sample_prompt = tokenizer, sample_prompt
+        self.snapshots = None  # the answers taken at evaluations (``snapshots``), set up by ``fit``
         self.callbacks = list(callbacks)
         self.checkpoint_path, self.stop_file, self.metrics_path = checkpoint_path, stop_file, metrics_path
         self.rank, self.world_size = distributed.world()
@@ -96,6 +96,7 @@ class Trainer:
         self.global_step = -1    # the chapter's counter: 0 after the first optimizer step
         self.tokens_seen = 0     # input tokens, padding included (as the chapter counts)
         self.history = {"train_losses": [], "val_losses": [], "tokens_seen": [], "steps": [], "epochs": []}
+        self.since_eval = []     # losses of the optimizer steps since the last evaluation
         self.total_steps = None
         self.elapsed_before = 0.0  # seconds trained before a resume
         self.batches = EpochBatches(self.train_loader, self.val_loader)
@@ -166,10 +167,12 @@ class Trainer:
         return torch.no_grad() if self.precision == "bf16" else torch.inference_mode()
 
     def eval_metrics(self):
-        """{"train_loss", "val_loss"} over ``eval_iter`` batches each, as the chapter's evaluate_model."""
+        """{"train_loss", "val_loss"} over ``eval_iter`` batches each, as the chapter's evaluate_model; with
+        ``train_loss_from_steps`` the train loss is the mean of the steps' losses since the last evaluation."""
         self.model.eval()
+        recent = self.config.train_loss_from_steps and self.since_eval
         with self._eval_context(), self._autocast():
-            metrics = {"train_loss": self._loader_loss(self.train_loader),
+            metrics = {"train_loss": sum(recent) / len(recent) if recent else self._loader_loss(self.train_loader),
                        "val_loss": self._loader_loss(self.val_loader)}
         self.model.train()
         return metrics
@@ -180,15 +183,11 @@ class Trainer:
         return m["train_loss"], m["val_loss"]
 
     def sample(self, epoch=None):
-        """Greedy answer to ``sample_prompt`` (stops at end-of-text), reported as a "sample" event."""
+        """Greedy answer to ``sample_prompt`` (KV cache, the chapter's generate's tokens): a "sample" event."""
         if not (self.config.sample_each_epoch and self.tokenizer is not None and self.sample_prompt
                 and self.is_main):
             return None
-        ids = self.tokenizer.encode(self.sample_prompt)
-        # KV cache, greedy, fp32: the tokens the chapter's generate gives (autocast would recast
-        # every weight at every new token: it keeps no cast cache under inference_mode).
-        new = generate_batch(self.model, [ids], max_new_tokens=self.config.sample_tokens, eos_id=EOT_ID)[0]
-        self.model.train()
+        ids, new = greedy_answer(self.model, self.tokenizer, self.sample_prompt, self.config.sample_tokens)
         response = self.tokenizer.decode(new)
         self._emit("sample", epoch=epoch, prompt=self.sample_prompt, response=response.strip(),
                    text=self.tokenizer.decode(ids + new))
@@ -344,7 +343,7 @@ class Trainer:
 
     def _evaluate_and_record(self):
         t0 = time.perf_counter()
-        metrics = self.eval_metrics()
+        metrics, self.since_eval = self.eval_metrics(), []
         seconds = time.perf_counter() - t0
         self.history["train_losses"].append(metrics["train_loss"])
         self.history["val_losses"].append(metrics["val_loss"])
@@ -352,6 +351,8 @@ class Trainer:
                            ("epochs", self.epochs_seen())):
             self.history[key].append(value)
         self._emit("eval", **metrics, eval_seconds=round(seconds, 4))
+        if self.snapshots is not None and self.snapshots.due(self.global_step):
+            self._emit("snapshot", **metrics, **self.snapshots.take(self.model))
 
     def _check_finite(self, loss):
         if not math.isfinite(loss):
@@ -372,6 +373,7 @@ class Trainer:
                 loss = self._train_step(batches, n_batches)
                 self._emit("step", loss=loss, lr=self.optimizer.param_groups[0]["lr"])
                 self._check_finite(loss)
+                self.since_eval.append(loss)
                 if self.global_step % cfg.eval_freq == 0:
                     self._evaluate_and_record()
                 if self.global_step + 1 >= self.total_steps:
@@ -408,6 +410,7 @@ class Trainer:
                 self.total_steps = min(self.total_steps, limit)
         self._t0, self._steps_at_start = time.perf_counter(), self.global_step + 1
         self._last_checkpoint = time.monotonic()
+        self.snapshots = Snapshots(cfg, self.tokenizer if self.is_main else None, self.sample_prompt)
         self.model.train()
         try:
             with tf32(self.device, cfg.tf32):

@@ -20,12 +20,14 @@ import torch
 
 from ..batching import create_data_loaders
 from ..data import load_instruction_data, split_data
+from ..dpo import load_preference_data
 from ..model import canonical_model_name
 from ..prompts import get_prompt_style
 from ..tokenizer import get_tokenizer
 from .adapters import save_adapter
 from .answers import RESPONSE_BATCH, answer_entries
 from .config import TrainingError
+from .dpo_config import is_dpo
 from .files import DiskFullError, atomic_write_json
 from .finetuned import save_finetuned
 from .hardware import device_key, keep_freed_memory, peak_memory_mb, resolve_device
@@ -109,8 +111,11 @@ def resume_worker(run, **kwargs):
 # ============================================================================ building
 
 def load_splits(config):
-    """(train, test, val) for ``config``: its data source, cut to ``limit``, split as the chapter does."""
-    data = load_instruction_data(config.data, duplicates=config.duplicates)
+    """(train, test, val) for ``config``: its data source (pairs for DPO), cut to ``limit``, split as the chapter does."""
+    if is_dpo(config):
+        data = load_preference_data(config.data, duplicates=config.duplicates, identical=config.identical)
+    else:
+        data = load_instruction_data(config.data, duplicates=config.duplicates)
     if config.limit is not None:
         data = data[:config.limit]
     train, test, val = split_data(data)
@@ -126,6 +131,10 @@ def build_trainer(config, *, model=None, splits=None, **trainer_kwargs):
     Returns (trainer, (train, test, val)). ``trainer_kwargs`` go to ``Trainer`` (callbacks,
     checkpoint_path, stop_file, metrics_path, device).
     """
+    if is_dpo(config):  # preference tuning: its pairs, loaders and trainer
+        from .dpo_trainer import build_dpo_trainer
+
+        return build_dpo_trainer(config, splits or load_splits(config), model=model, **trainer_kwargs)
     train, test, val = splits or load_splits(config)
     tokenizer = get_tokenizer()
     model = model if model is not None else build_model(config)

@@ -81,23 +81,24 @@ def test_the_chapters_exercises_queued_trained_scored_and_set_beside_the_book(ap
         name = at.selectbox(key="exp_ex_name").value
         assert name.startswith("exercises-") and exercises.list_experiments(app_dirs["runs"]) == [name]
         line = [r.name for r in queued_runs(app_dirs["runs"], "cpu")]
-        assert line == [f"{name}-{v}" for v in ("baseline", "phi3", "masking", "lora")]
+        assert line == [f"{name}-{v}" for v in ("baseline", "phi3", "masking", "lora", "dpo")]
         record = exercises.load_experiment(app_dirs["runs"], name)
         assert record["base_settings"] == {"model": "tiny (random)", "weights": "random",
                                            "models_dir": str(app_dirs["models"]), "data": None,
                                            "allowed_max_length": 48, "limit": 20, "seed": 123, "max_steps": 1}
         assert record["judge"] == {"backend": "ollama", "url": srv.base_url, "model": "llama3"}
         table = exercise_table(at)
-        assert table["state"].tolist() == ["queued"] * 4 + ["waits for issue 14"]
+        assert table["state"].tolist() == ["queued"] * 5
         assert table["the book's judge mean"].tolist()[:4] == ["49.45", "48.87", "47.73", "50.23"]
         assert table["the book's training (L4)"].tolist()[:4] == ["1.80 min", "1.50 min", "1.77 min", "1.30 min"]
-        assert table.iloc[4].isna()[["run", "the book's judge mean", "val loss"]].all()  # DPO: nothing yet
+        assert table.iloc[4]["run"] == f"{name}-dpo"  # no book figure for DPO: the book prints none
+        assert table.iloc[4].isna()[["the book's judge mean", "val loss"]].all()
         assert at.warning[0].value == "Not comparable with the book (tiny random model)."
         for run_name in line:  # the queue's work, done here
             execute_run(Run.open(run_name, root=app_dirs["runs"]))
         at.run()
-        assert exercise_table(at)["state"].tolist()[:4] == ["completed"] * 4
-        assert exercise_table(at)["judge mean (95% CI)"].tolist()[:4] == ["–"] * 4
+        assert exercise_table(at)["state"].tolist() == ["completed"] * 5
+        assert exercise_table(at)["judge mean (95% CI)"].tolist() == ["–"] * 5
         at.button(key="exp_ex_score").click().run()
         assert not at.exception, at.exception
         assert "in the background: the table shows the means as they come" in at.info[0].value
@@ -106,11 +107,11 @@ def test_the_chapters_exercises_queued_trained_scored_and_set_beside_the_book(ap
             job = Job(score_job_folder(app_dirs["runs"], store))
             assert job.wait(timeout=120)["state"] == "completed", job.tail_log()
             assert store.is_file()
-        assert len(srv.chat_requests) == 8  # 4 runs x 2 test answers
+        assert len(srv.chat_requests) == 10  # 5 runs x 2 test answers
     at.run()
     table = exercise_table(at)
-    assert table["judge mean (95% CI)"].tolist()[:4] == ["60.0 (60.0-60.0), 2 scored"] * 4
-    assert table["run"].tolist()[:4] == line and table["val loss"].notna().tolist()[:4] == [True] * 4
+    assert table["judge mean (95% CI)"].tolist() == ["60.0 (60.0-60.0), 2 scored"] * 5
+    assert table["run"].tolist() == line and table["val loss"].notna().tolist() == [True] * 5
     assert any("; the book: LoRA 28% faster than full fine-tuning on an L4 GPU (1.30 against 1.80 min)." in c.value
                for c in at.caption)
 

@@ -42,6 +42,8 @@ def test_tokens_losses_and_roles_for_a_masked_run(app_dirs):
     assert at.metric[0].value == f"{sum(trained) / len(trained):.3f}" and at.metric[1].value == str(len(trained))
     at.selectbox(key="learn_base").set_value("base: tiny (random) (random weights)").run()
     assert not at.exception and "What fine-tuning changed" in [s.value for s in at.subheader]
+    side = [h.proto.body for h in at.get("html")][-2:]  # the base's losses beside the run's
+    assert side[1] == tokens and side[0] != tokens and side[0].count("<span") == tokens.count("<span")
     at.button(key="learn_roles").click().run()
     summary = at.session_state["learn_summary"]["run: masked"]
     assert summary["instruction"]["trained"] == 0 and summary["instruction"]["targets"] > 0

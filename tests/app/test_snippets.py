@@ -101,3 +101,50 @@ def test_the_chat_snippet_gives_the_pages_reply(app_dirs):
     code = next(c.value for c in at.code if "stream_reply(" in c.value)
     assert "'Name a primary colour.'" in code and "max_new_tokens=7" in code
     assert run(code) == shown and shown
+
+
+def _tiny_run(root, name, **settings):
+    from sft.studio.config import TrainConfig
+    from sft.studio.runs import Run
+    from sft.studio.worker import execute_run
+
+    run_ = Run.create(TrainConfig(model="tiny", weights="random", limit=40, max_steps=1, sample_each_epoch=False,
+                                  snapshot_every=0, **settings), root=root, name=name)
+    execute_run(run_, responses=False)
+    return run_
+
+
+def test_the_learn_snippet_gives_the_pages_mean_loss(app_dirs):
+    from streamlit.testing.v1 import AppTest
+
+    from ui.state import ROOT
+
+    _tiny_run(app_dirs["runs"], "masked", mask_instruction=True, allowed_max_length=128)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
+    at.switch_page("pages/9_learn.py").run()
+    at.number_input(key="learn_index").set_value(3).run()
+    assert not at.exception, at.exception
+    code = next(c.value for c in at.code if "explain_example(" in c.value)
+    assert "val[3]" in code and "mask_instruction=True" in code and "allowed_max_length=128" in code
+    result = run(code)
+    assert at.metric[0].value == f"{result['mean_loss']:.3f}" and at.metric[1].value == str(result["targets"])
+
+
+def test_the_experiments_snippet_gives_the_pages_tables(app_dirs):
+    from streamlit.testing.v1 import AppTest
+
+    from ui import experiments
+    from ui.state import ROOT
+
+    for name, lr in (("a", 1e-3), ("b", 2e-3)):
+        _tiny_run(app_dirs["runs"], name, lr=lr)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
+    at.switch_page("pages/8_experiments.py").run()
+    assert not at.exception, at.exception
+    code = next(c.value for c in at.code if "compare_runs(" in c.value)
+    result = run(code)
+    assert [row["run"] for row in result["rows"]] == at.multiselect(key="exp_runs").value and result["differs"]["lr"]
+    results, differs = at.dataframe[0].value, at.dataframe[1].value  # the page's two tables, in order
+    assert experiments.results_frame(result["rows"]).equals(results)
+    assert experiments.differs_frame(result["differs"], [r["run"] for r in result["rows"]]).equals(differs)
+    assert f"--runs-root {app_dirs['runs']}" in next(c.value for c in at.code if c.value.startswith("python -m sft"))

@@ -51,8 +51,17 @@ def test_bench_quick_prints_one_json_line_with_every_paths_figures(capsys, tmp_p
     assert result["losses"]["fast"] == pytest.approx(result["losses"]["chapter"], rel=2e-2)
     # FLOPs per path: the fast path counts fewer (no padding, masked head) than the chapter's, HF more (T + 1).
     assert fast["flops"]["total"] < chapter["flops"]["total"] < hf["flops"]["total"]
-    for ratio in ("train_ratio", "train_ratio_vs_hf", "train_loop_ratio_vs_hf", "gen_ratio", "gen_ratio_vs_hf"):
+    for ratio in ("train_ratio", "train_ratio_vs_hf", "train_loop_ratio_vs_hf", "gen_ratio", "gen_ratio_vs_hf",
+                  "train_ratio_cheap_eval"):
         assert result[ratio] > 0, ratio
+    # The fast path's default evaluation (train loss from the steps) timed beside the chapter's schedule: the
+    # whole loop composed of the fast path's measured steps and that many cheaper evaluations.
+    each = result["train_eval_seconds_each"]
+    assert set(each) == {"chapter_schedule", "train_loss_from_steps"} and all(v > 0 for v in each.values())
+    n_evals = len(fast["val_losses"])
+    assert result["train_loop_seconds_cheap_eval"] == pytest.approx(
+        fast["seconds"] - fast["eval_seconds"] + n_evals * each["train_loss_from_steps"], abs=2e-3)
+    assert 0 < result["train_eval_share_cheap_eval"] < 1
     for kind in ("train", "gen"):
         assert set(result["mfu"][kind]) == {"chapter", "fast", "hf"}
         assert all(0 < m <= 1.5 for m in result["mfu"][kind].values()), result["mfu"][kind]

@@ -88,6 +88,9 @@ def test_walk_through_the_pipeline(app_url, page):
     expect(page.get_by_text("completed: step 24 of 24", exact=False)).to_be_visible()
     assert points.count() >= 3
     expect(page.get_by_text("Sample answer, epoch 1", exact=False)).to_be_visible()
+    # The answers kept at the evaluations, a slider over them, and what keeping them cost.
+    expect(page.get_by_text("Watch the answer form", exact=False)).to_be_visible()
+    expect(page.get_by_text("Taking these", exact=False)).to_be_visible()
     shot(page, "finetune")
 
     # Compare: the run's answers beside the base model's and the reference.
@@ -137,3 +140,11 @@ def test_walk_through_the_pipeline(app_url, page):
     expect(page.get_by_text("(stopped)", exact=False)).to_be_visible(timeout=30_000)
     expect(page.get_by_role("button", name="Save as a test case")).to_have_count(2)
     shot(page, "chat")
+
+    # Learn: the run's loss taken apart token by token on the first validation example, -100 targets greyed.
+    page.locator('[data-testid="stSidebarNav"]').get_by_text("Learn", exact=True).click()
+    expect(page.get_by_role("heading", name="Learn: where the loss comes from")).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("Mean loss of this example", exact=False)).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("Over the whole val split", exact=False)).to_be_visible(timeout=60_000)
+    settle(page)
+    shot(page, "learn")

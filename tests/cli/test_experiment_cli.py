@@ -27,26 +27,27 @@ def test_chapter_exercises_queues_the_variants_and_says_how_to_watch(capsys, tmp
                            *TINY, "--judge-url", "http://127.0.0.1:9", "--judge-model", "judge3")
     assert code == 0, out
     lines = out.splitlines()
-    assert lines[0] == "Experiment ex: queued 4 runs on cpu, in this order:"
+    assert lines[0] == "Experiment ex: queued 5 runs on cpu, in this order:"
     assert lines[1] == "  1. ex-baseline  (chapter 7: the chapter: Alpaca prompts, loss on every response and prompt " \
                        "token, every weight)"
     assert lines[2] == "  2. ex-phi3  (exercise 7.1: the Phi-3 prompt style)"
     assert lines[4].startswith("  4. ex-lora  (exercise 7.4: LoRA, rank 16 and alpha 16")
-    assert lines[5] == "  -  DPO on top of the baseline: waits for issue 14"
+    assert lines[5] == "  5. ex-dpo  (DPO notebook: DPO on top of the baseline)"
     assert "python -m sft experiment summary ex" in lines[6]
     assert started == [(str(tmp_path), "cpu")]  # the queue runner, started once for the whole line
-    assert [r.name for r in queued_runs(tmp_path, "cpu")] == ["ex-baseline", "ex-phi3", "ex-masking", "ex-lora"]
+    assert [r.name for r in queued_runs(tmp_path, "cpu")] == ["ex-baseline", "ex-phi3", "ex-masking", "ex-lora",
+                                                                 "ex-dpo"]
     record = exercises.load_experiment(tmp_path, "ex")
     assert record["judge"] == {"backend": "ollama", "url": "http://127.0.0.1:9", "model": "judge3"}
     assert record["base_settings"]["limit"] == 20 and "prompt_style" not in record["base_settings"]
 
     code, out, _ = run_cli(capsys, "experiment", "list", "--runs-root", str(tmp_path))
     assert (code, out) == (0, "ex: ex-baseline (chapter 7), ex-phi3 (exercise 7.1), ex-masking (exercise 7.2), "
-                              "ex-lora (exercise 7.4)\n")
+                              "ex-lora (exercise 7.4), ex-dpo (DPO notebook)\n")
     # The recorded judge answers nowhere: the summary says so, and still prints and writes the table.
     code, out, err = run_cli(capsys, "experiment", "summary", "ex", "--runs-root", str(tmp_path))
     assert code == 0 and "Not scored: No Ollama server answers at http://127.0.0.1:9" in err
-    assert "| ex-masking | queued |" in out and "| dpo | DPO notebook | – | waits for issue 14 |" in out
+    assert "| ex-masking | queued |" in out and "| dpo | DPO notebook | ex-dpo | queued |" in out
     assert "**not comparable with the book (tiny random model)**" in out
     assert (tmp_path / ".experiments" / "ex.md").read_text() in out
     assert json.loads((tmp_path / ".experiments" / "ex.summary.json").read_text())["experiment"] == "ex"
@@ -74,16 +75,19 @@ def test_wait_trains_answers_scores_and_prints_the_table(capsys, tmp_path):
     with FakeOllama(reply=lambda prompt, model: "60") as srv:
         code, out, err = run_cli(capsys, "experiment", "chapter-exercises", "--runs-root", str(tmp_path), "--name",
                                  "ex", *TINY, "--wait", "--judge-url", srv.base_url)
-        assert len(srv.chat_requests) == 8  # 4 runs x 2 test answers
+        assert len(srv.chat_requests) == 10  # 5 runs x 2 test answers
     assert code == 0, (out, err)
-    assert "Runs ended: ex-baseline completed, ex-phi3 completed, ex-masking completed, ex-lora completed" in out
-    assert "Judge ollama:llama3@" in out and ": 8 answers scored now in 4 run(s)" in out
+    assert "Runs ended: ex-baseline completed, ex-phi3 completed, ex-masking completed, ex-lora completed, " \
+           "ex-dpo completed" in out
+    assert "Judge ollama:llama3@" in out and ": 10 answers scored now in 5 run(s)" in out
     table = [line for line in out.splitlines() if line.startswith("| ex-") or line.startswith("| baseline")
-             or line.startswith("| phi3") or line.startswith("| masking") or line.startswith("| lora")]
-    assert [line.split(" | ")[2] for line in table] == ["ex-baseline", "ex-phi3", "ex-masking", "ex-lora"]
+             or line.startswith("| phi3") or line.startswith("| masking") or line.startswith("| lora")
+             or line.startswith("| dpo")]
+    assert [line.split(" | ")[2] for line in table] == ["ex-baseline", "ex-phi3", "ex-masking", "ex-lora",
+                                                                 "ex-dpo"]
     assert all(" | completed | " in line and "60.0 (60.0-60.0), 2 scored" in line for line in table)
-    assert [line.split(" | ")[8] for line in table] == ["49.45", "48.87", "47.73", "50.23"]
+    assert [line.split(" | ")[8] for line in table] == ["49.45", "48.87", "47.73", "50.23", "–"]  # none for DPO
     summary = json.loads((tmp_path / ".experiments" / "ex.summary.json").read_text())
-    assert [r["judge_mean"] for r in summary["rows"]] == [60.0, 60.0, 60.0, 60.0, None]
+    assert [r["judge_mean"] for r in summary["rows"]] == [60.0] * 5
     assert f"Wrote {tmp_path}/.experiments/ex.summary.json and {tmp_path}/.experiments/ex.md" in out
     assert queued_runs(tmp_path) == []

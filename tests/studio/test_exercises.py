@@ -24,6 +24,7 @@ TINY = {"model": "tiny", "limit": 20, "seed": 7, "batch_size": 2, "max_steps": 2
         "allowed_max_length": 48, "sample_each_epoch": False, "response_tokens": 3, "device": "cpu",
         "precision": "fp32"}
 NAMES = ["baseline", "phi3", "masking", "lora"]
+ALL = [*NAMES, "dpo"]  # then DPO on top of the baseline
 
 
 def test_each_variant_differs_from_the_baseline_in_its_own_settings_only():
@@ -39,24 +40,29 @@ def test_each_variant_differs_from_the_baseline_in_its_own_settings_only():
     assert diffs == {"baseline": {}, "phi3": {"prompt_style": "phi3"}, "masking": {"mask_instruction": True},
                      "lora": {"lora_rank": 16}}  # alpha 16 is the default already: the book's rank 16, alpha 16
     assert configs["lora"].lora_alpha == 16.0 and configs["lora"].lora_targets == "all"
-    assert exercises.DPO_VARIANT_READY is False  # DPO on top of the baseline waits for issue 14
+    assert exercises.DPO_VARIANT_READY is True  # DPO on top of the baseline: queued after these four
 
 
 def test_start_records_the_experiment_and_queues_its_runs_in_order(tmp_path):
     record = exercises.start_chapter_exercises(tmp_path, TINY, experiment="ex", start_runner=False,
                                                judge={"model": "llama3"})
-    assert [e["run"] for e in record["runs"]] == [f"ex-{n}" for n in NAMES]
+    assert [e["run"] for e in record["runs"]] == [f"ex-{n}" for n in ALL]
     assert read_json(tmp_path / ".experiments" / "ex.json") == record
     assert record["base_settings"] == TINY and record["device"] == "cpu"
     assert record["judge"] == {"backend": "ollama", "url": None, "model": "llama3"}
-    assert [r.name for r in queued_runs(tmp_path, "cpu")] == [f"ex-{n}" for n in NAMES]
-    assert [r.status()["queue_position"] for r in queued_runs(tmp_path, "cpu")] == [1, 2, 3, 4]
+    assert [r.name for r in queued_runs(tmp_path, "cpu")] == [f"ex-{n}" for n in ALL]
+    assert [r.status()["queue_position"] for r in queued_runs(tmp_path, "cpu")] == [1, 2, 3, 4, 5]
+    # The DPO run starts from the baseline run's final weights (there when its turn comes), with the DPO
+    # notebook's settings on the experiment's data limit, seed and device.
+    dpo = Run.open("ex-dpo", root=tmp_path).config
+    assert (dpo.kind, dpo.from_run, dpo.model, dpo.weights) == ("dpo", str(tmp_path / "ex-baseline"), "tiny (random)",
+                                                               "random")
+    assert (dpo.lr, dpo.beta, dpo.epochs, dpo.limit, dpo.seed, dpo.max_steps) == (5e-6, 0.1, 1, 20, 7, 2)
     assert exercises.list_experiments(tmp_path) == ["ex"]
     assert exercises.experiment_busy(tmp_path, "ex") is True
-    # Before any run trained: every row is queued, the DPO row waits, nothing is comparable with the book.
+    # Before any run trained: every row is queued, nothing is comparable with the book.
     summary = exercises.summarize_experiment(tmp_path, "ex", score=False, write=False)
-    assert [(r["variant"], r["state"]) for r in summary["rows"]] == [*((n, "queued") for n in NAMES),
-                                                                     ("dpo", "waits for issue 14")]
+    assert [(r["variant"], r["state"]) for r in summary["rows"]] == [(n, "queued") for n in ALL]
     assert summary["note"] == "not comparable with the book (tiny random model)" and summary["lora_faster"] is None
     assert "files" not in summary and not (tmp_path / ".experiments" / "ex.md").exists()
 
@@ -83,10 +89,11 @@ def test_the_exercises_end_to_end_on_the_tiny_model_with_a_fake_judge(tmp_path):
     record = exercises.start_chapter_exercises(tmp_path, TINY, experiment="ex", start_runner=False)
     states = exercises.wait_for_experiment(tmp_path, "ex", env=ENV, poll=0.2)  # the queue, served here
     runs = [Run.open(f"ex-{n}", root=tmp_path) for n in NAMES]
-    assert states == {r.name: "completed" for r in runs}, [r.tail_log() for r in runs]
-    started = [r.status()["started"] for r in runs]
+    every = [*runs, Run.open("ex-dpo", root=tmp_path)]
+    assert states == {r.name: "completed" for r in every}, [r.tail_log() for r in every]
+    started = [r.status()["started"] for r in every]
     assert started == sorted(started)  # in the queue's order, one after the other
-    statuses = [r.status() for r in runs]
+    statuses = [r.status() for r in every]
     assert all(a["finished"] <= b["started"] for a, b in zip(statuses, statuses[1:]))  # never two at once
     for run, (name, changes) in zip(runs, (("baseline", {}), ("phi3", {"prompt_style": ["alpaca", "phi3"]}),
                                            ("masking", {"mask_instruction": [False, True]}),
@@ -104,17 +111,17 @@ def test_the_exercises_end_to_end_on_the_tiny_model_with_a_fake_judge(tmp_path):
     scores = itertools.count(10, 10)  # 10, 20, ...: the runs are scored one by one, in the experiment's order
     with FakeOllama(reply=lambda prompt, model: str(next(scores))) as srv:
         summary = exercises.summarize_experiment(tmp_path, "ex", judge={"url": srv.base_url, "model": "llama3"})
-        assert len(srv.chat_requests) == 8  # 4 runs x 2 answers
+        assert len(srv.chat_requests) == 10  # 5 runs x 2 answers
         again = exercises.summarize_experiment(tmp_path, "ex", judge={"url": srv.base_url, "model": "llama3"})
-        assert len(srv.chat_requests) == 8  # scored answers are not asked again
+        assert len(srv.chat_requests) == 10  # scored answers are not asked again
     assert summary["scoring"]["state"] == "scored"
-    assert summary["scoring"]["runs"] == {r.name: {"asked": 2, "scored": 2} for r in runs}
+    assert summary["scoring"]["runs"] == {r.name: {"asked": 2, "scored": 2} for r in every}
     assert {r["asked"] for r in again["scoring"]["runs"].values()} == {0}
-    assert all(default_scores_path(r.responses_path, "model_response").is_file() for r in runs)
+    assert all(default_scores_path(r.responses_path, "model_response").is_file() for r in every)
     rows = {r["variant"]: r for r in summary["rows"]}
-    assert list(rows) == [*NAMES, "dpo"] and rows["dpo"]["state"] == "waits for issue 14"
-    assert {n: rows[n]["judge_mean"] for n in NAMES} == {"baseline": 15.0, "phi3": 35.0, "masking": 55.0,
-                                                          "lora": 75.0}
+    assert list(rows) == ALL and rows["dpo"]["state"] == "completed" and rows["dpo"]["method"] == "DPO"
+    assert {n: rows[n]["judge_mean"] for n in ALL} == {"baseline": 15.0, "phi3": 35.0, "masking": 55.0,
+                                                        "lora": 75.0, "dpo": 95.0}
     assert 30.0 <= rows["phi3"]["judge_ci"][0] < rows["phi3"]["judge_ci"][1] <= 40.0 and rows["lora"]["judged"] == 2
     for n, book in (("baseline", 49.45), ("phi3", 48.87), ("masking", 47.73), ("lora", 50.23)):
         done = Run.open(f"ex-{n}", root=tmp_path).read_metrics("done")[-1]
@@ -135,6 +142,6 @@ def test_the_exercises_end_to_end_on_the_tiny_model_with_a_fake_judge(tmp_path):
     assert phi3[:4] == ["| phi3", "exercise 7.1", "ex-phi3", "completed"]
     low, high = rows["phi3"]["judge_ci"]
     assert phi3[7] == f"35.0 ({low:.1f}-{high:.1f}), 2 scored" and phi3[8] == "48.87" and phi3[9] == "1.50 min |"
-    assert table[6].startswith("| dpo | DPO notebook | – | waits for issue 14 |")
+    assert table[6].startswith("| dpo | DPO notebook | ex-dpo | completed |")
     assert any("the book: LoRA 28% faster than full fine-tuning on an L4 GPU" in line for line in md)
     assert record["runs"][0]["run"] == "ex-baseline"

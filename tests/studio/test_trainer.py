@@ -98,6 +98,34 @@ def test_events_and_metrics_file(tmp_path, tokenizer):
     assert events[-1]["val_loss"] == result["val_losses"][-1]
 
 
+def test_the_train_loss_of_an_evaluation_comes_from_the_steps_just_computed():
+    """The default: an evaluation's train loss is the mean loss of the steps since the last one, so only the
+    validation batches are run; ``train_loss_from_steps=False`` (and the chapter's path) runs eval_iter fresh
+    training batches, as evaluate_model does."""
+    events, drawn = [], []
+    trainer = make_trainer(epochs=2, eval_freq=3, eval_iter=2)
+    trainer.callbacks.append(events.append)
+    batch_loss = trainer.batch_loss
+    trainer.batch_loss = lambda batch, **kw: (drawn.append(trainer.model.training), batch_loss(batch, **kw))[1]
+    trainer.fit()
+    steps = [e["loss"] for e in events if e["type"] == "step"]
+    evals = [e for e in events if e["type"] == "eval"]
+    assert [e["step"] for e in evals] == [0, 3, 6, 9]
+    assert [e["train_loss"] for e in evals] == pytest.approx(
+        [steps[0], sum(steps[1:4]) / 3, sum(steps[4:7]) / 3, sum(steps[7:10]) / 3], rel=1e-12)
+    assert drawn.count(True) == 10 and drawn.count(False) == 4 * 2  # the steps; only validation batches
+    assert TrainConfig.chapter_path().train_loss_from_steps is False
+
+    chapter, drawn[:] = make_trainer(epochs=2, eval_freq=3, eval_iter=2, train_loss_from_steps=False), []
+    batch_loss = chapter.batch_loss
+    chapter.batch_loss = lambda batch, **kw: (drawn.append(chapter.model.training), batch_loss(batch, **kw))[1]
+    result = chapter.fit()
+    assert drawn.count(False) == 4 * (2 + 2)  # eval_iter train and eval_iter validation batches each time
+    # Step 0's weights are the same; after it the chapter's evaluation has drawn a shuffle of the training
+    # data (iterating a shuffled loader does), so the data order, and the later losses, differ a little.
+    assert result["val_losses"][0] == pytest.approx(evals[0]["val_loss"], rel=1e-6)
+
+
 def test_checkpoint_loads_with_weights_only(tmp_path):
     trainer = make_trainer(tmp_path, epochs=1)
     trainer.fit()
