@@ -89,6 +89,8 @@ def build_parser():
                    help=f"seconds per GEMM shape of the ceiling (default {FULL['ceiling_seconds']})")
     p.add_argument("--profile", action="store_true",
                    help="profile one more training step of each path (torch.profiler): ms by kind of op")
+    p.add_argument("--strategies", type=int, default=0, metavar="N",
+                   help="also train under torchrun in N processes, DDP then FSDP: each process's peak memory")
     p.add_argument("--out", default=None, help="also write the JSON to this file")
     return p
 
@@ -157,6 +159,11 @@ def run(args):
         if "hf" in alone:
             info["train_peak_memory_fast_over_hf"] = round(alone["fast"][key] / alone["hf"][key], 3)
     info["peak_memory_mb"] = peaks
+    if args.strategies > 1:
+        from .strategies import bench_strategies
+
+        info.update(bench_strategies(args, args.strategies))  # the fast kernels: the whole model one unit
+        info.update(bench_strategies(args, args.strategies, fast_kernels=False))  # the book's blocks: a unit each
     info["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
     return info
 

@@ -141,10 +141,12 @@ def _describe(run, world_size=1):
         print(f"Method: LoRA rank {config.lora_rank}, alpha {config.lora_alpha:g}, on {config.lora_targets}: "
               f"{trainable:,} trainable of {total:,} parameters ({share:.2%}); the base stays frozen")
     if world_size > 1:
-        per = config.batch_size // world_size
-        print(f"DDP: {world_size} processes; each batch of {config.batch_size} is split {per}-{per + 1} rows "
+        per, how = config.batch_size // world_size, config.strategy.upper()
+        print(f"{how}: {world_size} processes; each batch of {config.batch_size} is split {per}-{per + 1} rows "
               "per process" if config.batch_size % world_size else
-              f"DDP: {world_size} processes; each batch of {config.batch_size} is split {per} rows per process")
+              f"{how}: {world_size} processes; each batch of {config.batch_size} is split {per} rows per process")
+        if config.strategy == "fsdp":
+            print(f"FSDP: each process keeps 1/{world_size} of the weights, gradients and AdamW state between steps")
 
 
 def run(args):

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .files import atomic_write
+from .sharding import full_tensors, load_full_state, shard_optimizer_state
 
 CHECKPOINT_FORMAT = "sft-studio-checkpoint"
 PREVIOUS_NAME = "previous.pt"
@@ -190,8 +191,10 @@ POSITION = ("epoch", "batch_in_epoch", "global_step", "tokens_seen")
 
 def training_state(trainer, elapsed):
     """Everything resuming ``trainer`` needs, as a dict ``torch.load(weights_only=True)`` reads."""
-    return {"format": CHECKPOINT_FORMAT, "version": 1,
-            "model": trainer.trainable_state_dict(), "optimizer": trainer.optimizer.state_dict(),
+    model, optimizer = trainer.trainable_state_dict(), trainer.optimizer.state_dict()
+    if getattr(trainer, "sharded", False):  # FSDP: every rank gathers its shards; the file holds whole tensors
+        model, optimizer = full_tensors(model, trainer.is_main), full_tensors(optimizer, trainer.is_main)
+    return {"format": CHECKPOINT_FORMAT, "version": 1, "model": model, "optimizer": optimizer,
             **{k: getattr(trainer, k) for k in POSITION},
             "n_batches": len(trainer.train_loader), "elapsed": elapsed, "history": trainer.history,
             "since_eval": list(trainer.since_eval),
@@ -206,8 +209,12 @@ def restore_training_state(trainer, state, *, source="checkpoint"):
         raise ValueError(
             f"{source} was taken with {state['n_batches']} training batches per epoch, but the data "
             f"now gives {len(trainer.train_loader)}: resuming needs the same data, limit and batch_size")
-    trainer.load_trainable_state_dict(state["model"], source=source)
-    trainer.optimizer.load_state_dict(state["optimizer"])
+    if getattr(trainer, "sharded", False):  # FSDP: each rank keeps its shard of the whole tensors
+        load_full_state(trainer.model, state["model"], source=source)
+        trainer.optimizer.load_state_dict(shard_optimizer_state(state["optimizer"], trainer.optimizer))
+    else:
+        trainer.load_trainable_state_dict(state["model"], source=source)
+        trainer.optimizer.load_state_dict(state["optimizer"])
     for key in POSITION:
         setattr(trainer, key, state[key])
     trainer.history = {k: list(v) for k, v in state["history"].items()}

@@ -182,6 +182,9 @@ class TrainConfig:
                                              "memory, ~30% slower; for gpt2-large/xl on smaller GPUs)",
                                              group="speed")
     num_workers: int = setting(0, "DataLoader worker processes", group="speed", low=0, high=64)
+    strategy: str = setting("ddp", "under torchrun: ddp (each process holds the whole model and optimizer state) or "
+                            "fsdp (FSDP2: each holds 1/N of the weights, gradients and AdamW state; full "
+                            "fine-tuning of gpt2-large/xl on smaller GPUs)", group="speed", choices=("ddp", "fsdp"))
     checkpoint_every: int | None = setting(None, "also checkpoint every N optimizer steps (always at each epoch "
                                            "end and on stop)", group="checkpoints", low=1)
     checkpoint_minutes: float | None = setting(5.0, "also checkpoint after this many minutes of training since the "
@@ -274,6 +277,9 @@ class TrainConfig:
         if len(extra) > MAX_EXTRA_PROMPTS:
             p.append(f"snapshot_prompts: at most {MAX_EXTRA_PROMPTS} instructions (separated by "
                      f"'{PROMPT_SEPARATOR}'), got {len(extra)}")
+        if self.strategy == "fsdp" and isinstance(self.lora_rank, int) and self.lora_rank > 0:
+            p.append("strategy 'fsdp' shards full fine-tuning's weights and optimizer state; LoRA's few trainable "
+                     "parameters need no sharding: use strategy 'ddp' with LoRA")
         if self.masked_head_loss is True and self.fast_kernels is False:
             p.append("masked_head_loss needs fast_kernels (the packed rows are computed by sft.fast)")
         if p:

@@ -1,4 +1,4 @@
-"""Not in the book: data-parallel training over several processes (PyTorch DDP).
+"""Not in the book: data-parallel training over several processes (PyTorch DDP, or FSDP2: ``sharding``).
 
     torchrun --nproc_per_node N -m sft train ...
 
@@ -197,3 +197,13 @@ def gather_digests(model):
     out = [None] * world_size
     dist.all_gather_object(out, digest)
     return out
+
+
+def replicas_report(model, peak_mb):
+    """After training under torchrun: every rank's parameter digest (equal iff the replicas are), and every
+    rank's peak memory in MB, in rank order (a collective)."""
+    digests = gather_digests(model)
+    peaks = [None] * len(digests)
+    dist.all_gather_object(peaks, peak_mb)
+    return {"world_size": len(digests), "replica_digests": digests, "replicas_in_sync": len(set(digests)) == 1,
+            "peak_memory_mb_by_rank": peaks}

@@ -8,6 +8,8 @@ from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
+import os
+
 import torch
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -139,8 +141,8 @@ def keep_freed_memory():
     import ctypes
     import sys
 
-    if not sys.platform.startswith("linux"):
-        return False
+    if not sys.platform.startswith("linux") or os.environ.get("SFT_KEEP_FREED_MEMORY") == "0":
+        return False  # SFT_KEEP_FREED_MEMORY=0: malloc's defaults (peak RSS then follows live tensors closely)
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt  # glibc; musl has none
     except (OSError, AttributeError):

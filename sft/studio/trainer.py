@@ -17,19 +17,18 @@ import torch
 from ..batching import IGNORE_INDEX
 from ..fast.forward import FastGPT
 from ..fast.loss import full_loss, masked_head_loss
-from . import distributed
+from . import distributed, sharding
 from .adapters import load_trainable_state, trainable_state
 from .checkpoint import EpochBatches, load_checkpoint, restore_training_state, save_checkpoint, training_state
 from .config import ConfigError, TrainingError, oom_advice
 from .files import append_jsonl
-from .hardware import resolve_device, resolve_precision, tf32
+from .hardware import peak_memory_mb, resolve_device, resolve_precision, tf32
 from .snapshots import Snapshots, greedy_answer
 
 
 def _is_oom(exc):
-    oom_type = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
     text = str(exc).lower()
-    return isinstance(exc, oom_type) or (isinstance(exc, RuntimeError) and (
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and (
         "out of memory" in text or "can't allocate memory" in text))
 
 
@@ -63,6 +62,7 @@ class Trainer:
         self.checkpoint_path, self.stop_file, self.metrics_path = checkpoint_path, stop_file, metrics_path
         self.rank, self.world_size = distributed.world()
         self.is_main = self.rank == 0
+        self.sharded = self.world_size > 1 and config.strategy == "fsdp"  # FSDP2: 1/N of the state per process
 
         # The module each step runs: the book's model itself on the chapter's path, else the
         # fast kernels over its parameters (and, with lengths, only the positions that count).
@@ -77,13 +77,9 @@ class Trainer:
             if config.batch_size < self.world_size:
                 raise ConfigError([f"batch_size {config.batch_size} is smaller than the {self.world_size} "
                                    "processes: each needs at least one row of every batch"])
-            from torch.nn.parallel import DistributedDataParallel
-
             self.train_loader = distributed.shard_loader(train_loader, self.rank, self.world_size)
             self.val_loader = distributed.shard_loader(val_loader, self.rank, self.world_size)
-            self._ddp = DistributedDataParallel(self.body, device_ids=[self.device.index]
-                                                if self.device.type == "cuda" else None)
-            self.forward_model = self._ddp
+            self._ddp = self.forward_model = sharding.wrap(self.body, config, self.device)
         if config.compile:
             self.forward_model = torch.compile(self.forward_model)
         # Fused AdamW: one pass over params, grads and moments instead of ~10; same maths, other rounding.
@@ -157,6 +153,8 @@ class Trainer:
             if batch is not None:  # a short last batch leaves some ranks without rows
                 sums[i, 0] = self.batch_loss(batch, reduction="sum").item()
                 sums[i, 1] = self.batch_weight(batch)
+            elif self.sharded:  # FSDP: every rank takes part in each forward (it gathers the weights)
+                self.body(torch.zeros(1, 1, dtype=torch.long, device=self.device))
         sums = distributed.all_reduce(sums.to(self.device)).cpu()
         return (sums[:, 0] / sums[:, 1]).mean().item()
 
@@ -179,13 +177,12 @@ class Trainer:
 
     def evaluate(self):
         """(train_loss, val_loss), the chapter's ``evaluate_model`` on this trainer's loaders."""
-        m = self.eval_metrics()
-        return m["train_loss"], m["val_loss"]
+        return tuple(self.eval_metrics()[k] for k in ("train_loss", "val_loss"))
 
     def sample(self, epoch=None):
         """Greedy answer to ``sample_prompt`` (KV cache, the chapter's generate's tokens): a "sample" event."""
         if not (self.config.sample_each_epoch and self.tokenizer is not None and self.sample_prompt
-                and self.is_main):
+                and self.is_main and not self.sharded):  # FSDP: rank 0 alone cannot run the sharded model
             return None
         ids, new = greedy_answer(self.model, self.tokenizer, self.sample_prompt, self.config.sample_tokens)
         response = self.tokenizer.decode(new)
@@ -255,14 +252,18 @@ class Trainer:
         """Save ``state_dict()`` atomically to ``checkpoint_path`` (rank 0 only). Weights that are no
         longer finite are never saved: the last good checkpoint stays."""
         self._last_checkpoint = time.monotonic()
-        if not self.checkpoint_path or not self.is_main:
+        if not self.checkpoint_path or not (self.is_main or self.sharded):
             return None
-        bad = [n for n, p in self.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        state = self.state_dict()  # under FSDP every rank takes part: the shards are gathered whole
+        if not self.is_main:
+            return None
+        bad = [n for n, t in state["model"].items()
+               if torch.is_tensor(t) and t.is_floating_point() and not t.isfinite().all()]
         if bad:
             raise TrainingError(f"the weights became NaN or infinite by step {self.global_step} ({bad[0]}): "
                                 "training diverged; the last checkpoint (before this) is kept",
                                 [f"a lower learning rate (now {self.config.lr:g})", "precision 'fp32' if it was bf16"])
-        save_checkpoint(self.checkpoint_path, self.state_dict())
+        save_checkpoint(self.checkpoint_path, state)
         self._emit("checkpoint", path=os.fspath(self.checkpoint_path), reason=reason)
         return self.checkpoint_path
 
@@ -274,8 +275,8 @@ class Trainer:
 
     def resume(self, path=None):
         """Load a checkpoint (default ``checkpoint_path``); the next ``fit`` continues from it."""
-        path = path or self.checkpoint_path
-        self.load_state_dict(load_checkpoint(path, map_location=self.device), source=os.fspath(path))
+        path, where = path or self.checkpoint_path, "cpu" if self.sharded else self.device  # FSDP: shards moved
+        self.load_state_dict(load_checkpoint(path, map_location=where), source=os.fspath(path))
         return self
 
     # ------------------------------------------------------------------ the loop
@@ -318,7 +319,7 @@ class Trainer:
         sums = torch.zeros(group, dtype=torch.float64)
         for i, batch in enumerate(micro):
             last = i == group - 1
-            with nullcontext() if last else self._ddp.no_sync():  # all-reduce grads once per step
+            with nullcontext() if last else sharding.no_sync(self._ddp):  # gradients synced once per step
                 loss_sum = self.batch_loss(batch, reduction="sum")
                 (loss_sum * (self.world_size / (counts[i, 0].item() * group))).backward()
             sums[i] = loss_sum.item()
@@ -410,7 +411,8 @@ class Trainer:
                 self.total_steps = min(self.total_steps, limit)
         self._t0, self._steps_at_start = time.perf_counter(), self.global_step + 1
         self._last_checkpoint = time.monotonic()
-        self.snapshots = Snapshots(cfg, self.tokenizer if self.is_main else None, self.sample_prompt)
+        self.snapshots = Snapshots(cfg, self.tokenizer if self.is_main and not self.sharded else None,
+                                   self.sample_prompt)
         self.model.train()
         try:
             with tf32(self.device, cfg.tf32):
@@ -431,11 +433,11 @@ class Trainer:
             else:
                 self._emit("error", error=f"{type(exc).__name__}: {exc}")
             raise
-        extra = {}
-        if self.world_size > 1:  # proof that DDP kept the replicas identical
-            digests = distributed.gather_digests(self.model)
-            extra = {"world_size": self.world_size, "replica_digests": digests,
-                     "replicas_in_sync": len(set(digests)) == 1}
+        extra, peak = {}, peak_memory_mb(self.device)  # before FSDP's weights are made whole again
+        if self.sharded:  # whole weights again on every rank: the final save and the answers are rank 0's alone
+            sharding.unshard(self._ddp, self.model)
+        if self.world_size > 1:  # proof that the replicas are identical, and each process's peak memory
+            extra = distributed.replicas_report(self.model, peak)
         if state == "completed":
             h = self.history
             self._emit("done", train_loss=h["train_losses"][-1] if h["train_losses"] else None,

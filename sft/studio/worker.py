@@ -258,7 +258,8 @@ def _record_failure(run, error, advice=None):
 
 def _execute_replica(run, resume, dist):
     """A rank > 0 under torchrun: the same trainer on its share of each batch, silent."""
-    trainer, _ = build_trainer(run.config, device=dist.device)
+    # The checkpoint path too, though only rank 0 writes it: under FSDP every rank gathers its shards into it.
+    trainer, _ = build_trainer(run.config, device=dist.device, checkpoint_path=run.checkpoint_path)
     if _in_main_thread():  # torchrun forwards SIGTERM to every rank; all agree on the stop step
         signal.signal(signal.SIGTERM, lambda signum, frame: trainer.request_stop())
     if resume:

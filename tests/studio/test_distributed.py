@@ -129,6 +129,15 @@ def test_two_processes_stop_resume_and_match_one_process(tmp_path):
     assert json.loads(run.status_path.read_text())["world_size"] == 2
 
 
+def stop_after_two_steps(run, proc):
+    """Ask ``run`` to stop once it has done 2 steps (the stop file), wait for ``proc``; its output."""
+    deadline = time.monotonic() + 90
+    while steps_done(run) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    run.request_stop()
+    return finish(proc)
+
+
 def train(run, nproc, *extra):
     """``python -m sft train`` on a run folder: under torchrun with ``nproc`` > 1, else plainly."""
     if nproc > 1:
@@ -145,12 +154,7 @@ def test_a_stopped_run_resumes_with_another_number_of_processes(tmp_path, first,
     """The checkpoint holds the global position and the chapter's shuffle state, not a rank's, so a
     run stopped in N processes goes on in M and ends as one process straight through would."""
     run = Run.create(ddp_config(), root=tmp_path, name=f"ddp-{first}-then-{then}")
-    proc = train(run, first)
-    deadline = time.monotonic() + 90
-    while steps_done(run) < 2 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    run.request_stop()
-    out = finish(proc)
+    out = stop_after_two_steps(run, train(run, first))
     assert run.state == "stopped", out
     stopped_at = torch.load(run.checkpoint_path, weights_only=True)["global_step"]
 
