@@ -1,6 +1,7 @@
 """DPO as a person runs it (issue 14): the Preference page's pairs and collated grid, Start DPO from a finished tiny
 run, the run completing with its loss and reward curves and the note, the reference cached in the run folder."""
 import json
+from pathlib import Path
 
 import pytest
 from playwright.sync_api import expect
@@ -9,6 +10,7 @@ from actions import set_number, settle
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 STEPS = 6
+SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 
 
 def test_dpo_from_the_preference_page(app_url, page):
@@ -43,3 +45,10 @@ def test_dpo_from_the_preference_page(app_url, page):
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e["type"] == "eval"] == [0, 5]
     assert (run / "reference_logprobs.safetensors").is_file()
+
+    # The whole page, for the README: the pairs, the collated grid, the run's curves.
+    page.set_viewport_size({"width": 1400, "height": 1000})
+    height = page.evaluate("document.querySelector('[data-testid=\"stMain\"]').scrollHeight")
+    page.set_viewport_size({"width": 1400, "height": min(max(height, 1000), 5000)})
+    page.wait_for_timeout(800)  # Plotly redraws at the new size
+    page.screenshot(path=str(SHOTS / "preference.png"))

@@ -33,7 +33,8 @@ def test_the_tiny_demo_learns_with_its_own_settings(app_url, page):
     seconds = time.monotonic() - started
     expect(page.get_by_text("completed: step 348 of 348", exact=False)).to_be_visible()
 
-    shown = float(metric(page, "Val loss").inner_text())
+    settle(page)  # the page's rerun after the run ended: its metrics row drawn once
+    shown = float(metric(page, "Val loss").first.inner_text())
     assert shown < TINY_DEMO_VAL_LOSS
     (run,) = [p for p in app_url["runs"].iterdir() if p.is_dir()]
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

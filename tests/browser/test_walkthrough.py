@@ -124,8 +124,16 @@ def test_walk_through_the_pipeline(app_url, page):
     assert list(app_url["exports"].glob("*/gguf/*-f32.gguf")) and list(app_url["exports"].glob("*/hf/model.safetensors"))
     # A long reply, stopped while it streams: what was written stays, marked "(stopped)". The tiny model's
     # random weights almost never write end-of-text, so 1024 greedy tokens take a while to stream.
-    page.get_by_role("combobox", name="Model", exact=True).click()
-    page.get_by_role("option", name="base: tiny (random) (random weights)").click()
+    settle(page)  # the export's watcher reran the whole page when the job ended: a dropdown opened during it closes
+    option = page.get_by_role("option", name="base: tiny (random) (random weights)")
+    for _ in range(3):
+        page.get_by_role("combobox", name="Model", exact=True).click()
+        try:
+            expect(option).to_be_visible(timeout=10_000)
+            break
+        except AssertionError:
+            settle(page)
+    option.click()
     settle(page)
     set_number(page, "Max new tokens", 1024)
     page.get_by_label("Instruction", exact=True).fill("Write a long story about the sea.")
