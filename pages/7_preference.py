@@ -10,7 +10,7 @@ from sft.studio.dpo_config import DPOConfig
 from sft.studio.locks import DeviceBusyError
 from sft.studio.runs import ACTIVE_STATES, Run, RunError
 from sft.studio.worker import launch_worker
-from ui import loaders, preference, state
+from ui import loaders, preference, snippets, state, widgets
 
 state.init_state()
 ss = st.session_state
@@ -57,6 +57,7 @@ st.caption(f"Chosen and rejected rows share one length, {anatomy['cols']} positi
            + ", ".join(f"{row} {n}" for row, n in anatomy["kept"].items()) + ".")
 
 # ---- start a DPO run ----
+code_at = st.container()  # the code behind, drawn here once the start settings below are known
 st.subheader("Preference-tune a finished run")
 starts = preference.start_runs(loaders.list_runs())
 if not starts:
@@ -89,6 +90,13 @@ else:
         else:
             ss.pref_run = run.name
             st.rerun()
+
+with code_at:
+    start = next((r for r in starts if r.name == source), None) if starts else None
+    widgets.code_behind(snippets.preference(i, count, mask_prompt, identical, start.path if start else None,
+                                            settings if starts else None),
+                        note="These lines collate the pairs shown above with the DPO notebook's functions; the "
+                             "command starts the DPO run below with its settings.")
 
 # ---- the DPO runs, live ----
 dpos = preference.dpo_runs(loaders.list_runs())

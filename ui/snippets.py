@@ -190,3 +190,27 @@ print(table["differs"])
 result = table"""
     return code, shlex.join(["python", "-m", "sft", "runs", "list", "--runs-root", str(Path(run_dirs[0]).parent)]
                             if run_dirs else ["python", "-m", "sft", "runs", "list"])
+
+
+def preference(first=0, count=2, mask_prompt_tokens=True, identical="keep", from_run=None, settings=None):
+    """Preference page: the pairs collated as the page draws them, with the DPO notebook's functions; and the
+    DPO run the page would start, from a terminal."""
+    code = f"""from sft import get_tokenizer
+from sft.dpo import PreferenceDataset, custom_collate_fn, load_preference_data
+
+data = load_preference_data(identical={_lit(identical)})  # the book's 1100 pairs, every entry checked
+pairs = PreferenceDataset(data[{first}:{first + count}], get_tokenizer())
+batch = custom_collate_fn([pairs[i] for i in range(len(pairs))], mask_prompt_tokens={mask_prompt_tokens})
+# chosen and rejected padded to one length with 50256; the masks keep only the answers' tokens
+print(batch["chosen"].shape, batch["chosen_mask"].sum(dim=1), batch["rejected_mask"].sum(dim=1))
+result = {{"cols": batch["chosen"].shape[1],
+          "kept": [int(n) for pair in zip(batch["chosen_mask"].sum(dim=1), batch["rejected_mask"].sum(dim=1))
+                   for n in pair]}}"""
+    cli = None
+    if from_run:
+        cli = ["python", "-m", "sft", "dpo", "--from-run", str(from_run), "--identical", identical]
+        for key, value in (settings or {}).items():
+            if value is not None:
+                cli += ["--" + key.replace("_", "-"), str(value)]
+        cli = shlex.join(cli)
+    return code, cli

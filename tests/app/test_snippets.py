@@ -148,3 +148,36 @@ def test_the_experiments_snippet_gives_the_pages_tables(app_dirs):
     assert experiments.results_frame(result["rows"]).equals(results)
     assert experiments.differs_frame(result["differs"], [r["run"] for r in result["rows"]]).equals(differs)
     assert f"--runs-root {app_dirs['runs']}" in next(c.value for c in at.code if c.value.startswith("python -m sft"))
+
+
+def test_the_preference_snippet_gives_the_pages_collated_pairs_and_its_command_the_dpo_run(app_dirs):
+    from streamlit.testing.v1 import AppTest
+
+    from sft.cli import build_parser
+    from sft.cli.settings import given_settings
+    from sft.studio.dpo_config import DPOConfig
+    from ui.state import ROOT
+
+    source = _tiny_run(app_dirs["runs"], "sft-start")
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
+    at.switch_page("pages/7_preference.py").run()
+    at.number_input(key="pref_pair").set_value(5).run()
+    at.number_input(key="pref_count").set_value(3).run()
+    at.number_input(key="pref_beta").set_value(0.2).run()
+    at.number_input(key="pref_max_steps").set_value(7).run()
+    assert not at.exception, at.exception
+    code = next(c.value for c in at.code if "custom_collate_fn(" in c.value)
+    assert "data[4:7]" in code and "mask_prompt_tokens=True" in code
+    result = run(code)
+    caption = next(c.value for c in at.caption if c.value.startswith("Chosen and rejected rows share one length"))
+    assert f"share one length, {result['cols']} positions" in caption
+    kept = [int(part.rsplit(" ", 1)[1]) for part in caption.split("Kept per row: ")[1].rstrip(".").split(", ")]
+    assert kept == result["kept"] and len(kept) == 6  # 3 pairs: a chosen and a rejected row each
+
+    cli = next(c.value for c in at.code if c.value.startswith("python -m sft dpo"))
+    argv = shlex.split(cli)[3:]
+    args = build_parser(argv).parse_args(argv)
+    config = DPOConfig.from_settings(given_settings(args, DPOConfig))
+    page = DPOConfig.from_settings({"beta": 0.2, "lr": 5e-6, "epochs": 1, "max_steps": 7}, from_run=str(source.path),
+                                   identical="keep")
+    assert config == page and config.from_run == str(source.path) and config.beta == 0.2
