@@ -41,7 +41,11 @@ def attention(att, x, *, attn_mask=None, kv=None, packed=None):
     attention on the (B, T) layout.
     """
     b, num_tokens = packed.keep.shape if packed is not None else x.shape[:2]
-    queries, keys, values = linear(att.W_query, x), linear(att.W_key, x), linear(att.W_value, x)
+    joined = kv.joined_qkv(att) if kv is not None and not torch.is_grad_enabled() else None
+    if joined is not None:  # answering with a cache: one product for the three (their weights joined once)
+        queries, keys, values = F.linear(x, *joined).chunk(3, dim=-1)
+    else:
+        queries, keys, values = linear(att.W_query, x), linear(att.W_key, x), linear(att.W_value, x)
     if packed is not None:  # one scatter for all three (B, T, 3 * d_out), not three
         queries, keys, values = packed.scatter(torch.cat([queries, keys, values], dim=-1)).chunk(3, dim=-1)
 

@@ -7,6 +7,8 @@ masked out and each row's positions count only its real tokens.
 """
 import torch
 
+JOIN_QKV = True  # answering: Q, K and V in one product (off: three, as the book's modules compute them)
+
 
 def positions_and_mask(valid, start, past_valid=None):
     """Position ids (B, T) and a bool attention mask (B, 1, T, start + T) for ``T`` new slots.
@@ -33,6 +35,21 @@ class _LayerKV:
     def __init__(self, cache):
         self.cache = cache
         self.k = self.v = None
+        self.qkv = None  # (weight, bias) of W_query, W_key and W_value joined, for this cache's answers
+
+    def joined_qkv(self, att):
+        """The attention's three projections as one (3 d_out, d_in) weight and bias, made on first use:
+        at decoding's few rows each product is bound by reading its weight, so one read beats three.
+        None when ``JOIN_QKV`` is off or a projection is not a plain ``nn.Linear`` (LoRA adapters)."""
+        if self.qkv is None:
+            parts = (att.W_query, att.W_key, att.W_value)
+            biased = {p.bias is not None for p in parts if type(p) is torch.nn.Linear}
+            if not JOIN_QKV or any(type(p) is not torch.nn.Linear for p in parts) or len(biased) != 1:
+                self.qkv = False
+            else:
+                self.qkv = (torch.cat([p.weight for p in parts]),
+                            torch.cat([p.bias for p in parts]) if biased == {True} else None)
+        return self.qkv or None
 
     def update(self, k, v):
         c = self.cache

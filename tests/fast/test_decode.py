@@ -1,4 +1,5 @@
 """The KV-cache batch path (sft.fast.decode) must equal the chapter's generate, prompt by prompt."""
+import copy
 import json
 
 import pytest
@@ -165,3 +166,27 @@ def test_on_token_is_called_after_each_new_token(tiny_model):
     new = generate_batch(tiny_model, [[1, 2, 3], [4, 5]], max_new_tokens=5, eos_id=None, on_token=seen.append)
     assert seen == [1, 2, 3, 4, 5] and all(len(ids) == 5 for ids in new)
     assert new == generate_batch(tiny_model, [[1, 2, 3], [4, 5]], max_new_tokens=5, eos_id=None)  # no effect on them
+
+
+def test_answering_joins_the_three_projections_into_one_product_with_the_same_tokens(tiny_model, monkeypatch):
+    """With a cache and no gradients, Q, K and V come from one product of the three weights joined (once per
+    cache); the greedy tokens are those of the three separate products, and of the chapter's generate."""
+    from sft.fast import kvcache
+    from sft.lora import replace_linear_with_lora
+
+    prompts = [[5, 9, 2, 7], [3, 1, 4, 1, 5, 9, 2, 6]]
+    made = []
+    joined = kvcache._LayerKV.joined_qkv
+    monkeypatch.setattr(kvcache._LayerKV, "joined_qkv", lambda self, att: made.append(joined(self, att)) or made[-1])
+    one = generate_batch(tiny_model, prompts, max_new_tokens=6)
+    assert made and all(isinstance(m, tuple) and m[0].shape == (3 * 64, 64) and m[1].shape == (192,) for m in made)
+    monkeypatch.setattr(kvcache, "JOIN_QKV", False)
+    assert generate_batch(tiny_model, prompts, max_new_tokens=6) == one
+    for ids, new in zip(prompts, one):
+        assert new == chapter_new_ids(tiny_model, ids, 6, 48)
+    monkeypatch.setattr(kvcache, "JOIN_QKV", True)
+    made.clear()
+    adapted = copy.deepcopy(tiny_model)  # the module's fixture stays as it is
+    replace_linear_with_lora(adapted, rank=2, alpha=4)  # adapters: the three stay apart
+    generate_batch(adapted, prompts, max_new_tokens=2)
+    assert made and all(m is None for m in made)
