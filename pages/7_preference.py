@@ -7,7 +7,9 @@ import streamlit as st
 
 from sft.studio.config import ConfigError
 from sft.studio.dpo_config import DPOConfig
-from sft.studio.locks import DeviceBusyError
+from sft.studio.hardware import device_key
+from sft.studio.locks import DeviceBusyError, holder
+from sft.studio.queue import enqueue
 from sft.studio.runs import ACTIVE_STATES, Run, RunError
 from sft.studio.worker import launch_worker
 from ui import loaders, preference, snippets, state, widgets
@@ -78,18 +80,35 @@ else:
     st.caption(f"The notebook's settings: beta {book.beta:g}, AdamW lr {book.lr:g}, weight decay "
                f"{book.weight_decay:g}, {book.epochs} epoch, batches of {book.batch_size}, an evaluation every "
                f"{book.eval_freq} steps over {book.eval_iter} batches.")
-    if st.button("Start DPO", type="primary", key="pref_start"):
+    busy = holder(device_key(DPOConfig().device))  # one training per device: a DPO run can queue behind it
+    if busy is not None:
+        st.info(f"The device is busy: run `{busy.get('run') or '?'}` is training on it. Queue this DPO run after "
+                "it, or wait.", icon=":material/hourglass_top:")
+    c = st.columns([1, 3], vertical_alignment="center")
+    start = c[0].button("Start DPO", type="primary", key="pref_start", disabled=busy is not None)
+    queue = busy is not None and c[1].button(f"Queue after `{busy.get('run') or '?'}`", key="pref_queue",
+                                             help="Starts by itself when the device is free (the Experiments "
+                                                  "page orders the queue).")
+    if start or queue:
         try:
             config = DPOConfig.from_settings(
                 settings, from_run=str(next(r for r in starts if r.name == source).path), identical=identical,
                 lora_rank=16 if lora else 0, lora_alpha=16.0).validate()
             run = Run.create(config, root=state.runs_dir(), name=f"{time.strftime('%Y%m%d-%H%M%S')}-dpo-{source}"[:100])
-            launch_worker(run)
+            if queue:
+                place = enqueue(run)
+                ss.pref_notice = f"Queued DPO run `{run.name}`: number {place} in line; it starts " \
+                                               "by itself when the device is free."
+            else:
+                launch_worker(run)
         except (ConfigError, RunError, DeviceBusyError, ValueError) as exc:
-            st.error(f"Not started: {exc}", icon=":material/block:")
+            st.error(f"Not {'queued' if queue else 'started'}: {exc}", icon=":material/block:")
         else:
             ss.pref_run = run.name
             st.rerun()
+    notice = ss.pop("pref_notice", None)
+    if notice:
+        st.info(notice, icon=":material/playlist_add:")
 
 with code_at:
     start = next((r for r in starts if r.name == source), None) if starts else None

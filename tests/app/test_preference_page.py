@@ -150,3 +150,28 @@ def test_the_fine_tune_and_experiments_pages_show_a_dpo_run(app_dirs):
         assert not at.exception, page
     at.switch_page("pages/3_finetune.py").run()
     assert "dpo-run" in at.selectbox(key="ft_run").options
+
+
+def test_on_a_busy_device_a_dpo_run_queues_after_the_run_training_there(app_dirs, launches, monkeypatch):
+    from sft.studio import queue as queue_module
+    from sft.studio.locks import DeviceLock
+    from sft.studio.queue import queued_runs
+
+    monkeypatch.setattr(queue_module, "ensure_runner", lambda *a, **k: None)  # no queue runner process
+    finished_run(app_dirs)
+    lock = DeviceLock.acquire("cpu", run="other-run")  # another run trains on this device
+    try:
+        at = session()
+        assert "run `other-run` is training on it" in texts(at.info)
+        assert at.button(key="pref_start").disabled
+        assert at.button(key="pref_queue").label == "Queue after `other-run`"
+        at.number_input(key="pref_max_steps").set_value(3).run()
+        at.button(key="pref_queue").click().run()
+        assert not at.exception and not at.error
+        (queued,) = queued_runs(app_dirs["runs"], "cpu")
+        assert queued.state == "queued" and queued.config.kind == "dpo" and queued.config.max_steps == 3
+        assert queued.config.from_run == str(app_dirs["runs"] / "sft-tiny")
+        assert f"Queued DPO run `{queued.name}`: number 1 in line" in texts(at.info)
+        assert launches == []  # nothing started: it waits for the device
+    finally:
+        lock.release()
