@@ -385,10 +385,12 @@ def live(name):
     elif state_ == "completed":
         st.success(f"Done. Weights: `{run.model_path}`. Answers to the test split: `{run.responses_path}`"
                    " (see the Compare page).", icon=":material/check_circle:")
-    evals, steps = run.read_metrics("eval"), run.read_metrics("step")
+    events = run.read_metrics(("eval", "step", "sample", "resumed"))  # metrics.jsonl read once per poll
+    evals, steps, samples, resumed = ([e for e in events if e["type"] == k] for k in ("eval", "step", "sample",
+                                                                                       "resumed"))
     x = st.radio("x axis", list(figures.X_AXES), horizontal=True, key="ft_x")
-    evolution.show(name, read_snapshots(run), evals, steps, x, p.get("elapsed"))
-    for s in run.read_metrics("sample"):
+    evolution.show(name, read_snapshots(run, resumed=resumed), evals, steps, x, p.get("elapsed"))
+    for s in samples:
         st.markdown(f"**Sample answer, epoch {s['epoch']}** (to the first validation prompt):")
         st.code(s.get("response") or "(empty)", language=None, wrap_lines=True)
 

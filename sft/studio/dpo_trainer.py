@@ -27,7 +27,7 @@ from ..lora import adapters_disabled
 from ..model import canonical_model_name
 from ..prompts import format_input
 from ..tokenizer import get_tokenizer
-from . import distributed
+from . import distributed, sharding
 from .files import atomic_write
 from .models import build_base_model, build_model
 from .trainer import Trainer
@@ -213,6 +213,8 @@ class DPOTrainer(Trainer):
                 pairs = self.batch_weight(batch)
                 sums[i, :3] = torch.tensor([v.item() * pairs for v in self.pair_metrics(batch)], dtype=torch.float64)
                 sums[i, 3] = pairs
+            elif self.sharded:  # FSDP: every rank joins each forward's weight gathers
+                sharding.take_part(self.body, self.device)
         if self.world_size > 1:
             sums = distributed.all_reduce(sums.to(self.device)).cpu()
         return tuple((sums[:, :3] / sums[:, 3:]).mean(0).tolist())

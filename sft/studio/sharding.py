@@ -58,6 +58,12 @@ def no_sync(wrapped):
         wrapped.set_requires_gradient_sync(True)
 
 
+def take_part(module, device):
+    """A forward on a one-token dummy row, its result unused: a rank whose share of a short batch is empty
+    still takes part in the sharded forward's weight gathers, which every rank must join."""
+    module(torch.zeros(1, 1, dtype=torch.long, device=device))
+
+
 def is_sharded(tensor):
     from torch.distributed.tensor import DTensor
 

@@ -64,16 +64,17 @@ class Snapshots:
         return {"answers": answers, "seconds": round(time.perf_counter() - t0, 4)}
 
 
-def read_snapshots(run):
+def read_snapshots(run, resumed=None):
     """``run``'s snapshots in order. A resume re-does the steps after its checkpoint: the snapshots
-    taken before the resume at later steps are dropped (as ``Run.read_metrics`` drops such events)."""
+    taken before the resume at later steps are dropped (as ``Run.read_metrics`` drops such events).
+    ``resumed``: the run's "resumed" events, where the caller has read them already."""
     kept = read_jsonl(run.snapshots_path)
-    for resume in run.read_metrics("resumed"):
+    for resume in run.read_metrics("resumed") if resumed is None else resumed:
         kept = [s for s in kept if s.get("time", 0) > resume.get("time", 0) or s.get("step", -1) <= resume["step"]]
     return kept
 
 
 def snapshot_cost(snapshots, elapsed):
-    """(seconds spent on snapshots, their share of ``elapsed``, the run's seconds; None where unknown)."""
+    """(seconds spent on snapshots, their share of ``elapsed``, the run's seconds: None when unknown)."""
     total = sum(s.get("seconds") or 0.0 for s in snapshots)
     return total, (total / elapsed if elapsed else None)

@@ -153,8 +153,8 @@ class Trainer:
             if batch is not None:  # a short last batch leaves some ranks without rows
                 sums[i, 0] = self.batch_loss(batch, reduction="sum").item()
                 sums[i, 1] = self.batch_weight(batch)
-            elif self.sharded:  # FSDP: every rank takes part in each forward (it gathers the weights)
-                self.body(torch.zeros(1, 1, dtype=torch.long, device=self.device))
+            elif self.sharded:  # FSDP: every rank joins each forward's weight gathers
+                sharding.take_part(self.body, self.device)
         sums = distributed.all_reduce(sums.to(self.device)).cpu()
         return (sums[:, 0] / sums[:, 1]).mean().item()
 
