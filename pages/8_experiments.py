@@ -46,7 +46,7 @@ st.caption("One click queues the chapter's variants on the same data, model and 
            "of the baseline (from its final weights, the DPO notebook's settings). Each answers its test split after training, the judge scores the "
            "answers, and the table sets them beside the book's published figures.")
 root, judge = state.runs_dir(), experiments.workspace_judge(ss)
-c = st.columns(4, vertical_alignment="bottom")
+c = st.columns([1, 1, 1, 1.3], vertical_alignment="bottom")  # the button's label whole at 1280 px
 limit = c[0].number_input("Use the first N entries (0 = all)", 0, None, 0, key="exp_ex_limit")
 seed = c[1].number_input("Seed", 0, None, 123, key="exp_ex_seed")
 steps = c[2].number_input("Stop after N steps (0 = no limit)", 0, None, 0, key="exp_ex_steps")
